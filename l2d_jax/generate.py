@@ -1,0 +1,210 @@
+"""Jitted generation: prefill, then ONE ``lax.while_loop`` over new tokens.
+
+Per new token (spec sections 8 and 10): fresh noise x_0 = sigma * eps for the newest
+position, the ODE from t = 0 to t_final with ``L2DModel.flow_only`` velocities that read the
+cached main keys/values and the cached h_L, the final flow logits at t_final, a sampled
+token, then the main path of that token (its K/V and h_L into the cache). ``ode_steps = 0``
+is the base model alone. ``ode_steps`` (grid points), temperatures and the guidance weight
+are run-time values: a sweep over them reuses one compiled program per
+(batch, prompt bucket, max_new_tokens, solver method, sampler top_k).
+
+PRNG: every random draw of row r at absolute position p uses a key derived from
+(key, sample index of r, p), so a prompt gives the same tokens alone or in a padded batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from l2d_jax import nstep as nstep_lib
+from l2d_jax.models.llm import LLM, init_cache, positions_from_mask
+from l2d_jax.sampling import Sampler
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """Static generation settings (part of the compiled program's identity)."""
+
+    max_new_tokens: int = 64
+    ode: nstep_lib.ODEOptions = nstep_lib.ODEOptions()
+    max_ode_points: int = 64  # largest ode_steps a compiled program accepts
+    return_logits: bool = False  # also return the (B, N, V) logits of every step
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # (B, max_new_tokens) int32; after EOS: eos_id
+    lengths: jax.Array  # (B,) number of new tokens up to and including EOS
+    nfe: jax.Array  # (B,) velocity evaluations per generated token (mean over the row's tokens)
+    logits: jax.Array | None  # (B, max_new_tokens, V) float32 when return_logits
+
+
+def bucket_length(n: int, buckets=PROMPT_BUCKETS) -> int:
+    """Smallest bucket >= n (multiples of the largest bucket beyond it)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to `length` (default: the bucket of the longest).
+    Returns ids (B, P) int32 and attention mask (B, P) int32."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = length or bucket_length(max(len(p) for p in prompts))
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the padded length {length}")
+        ids[i, length - len(p):] = p
+        mask[i, length - len(p):] = 1
+    return ids, mask
+
+
+def _row_keys(key: jax.Array, sample_ids: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
+    """(B, 2) raw keys from (key, sample index, absolute position, stream)."""
+    def one(s, p):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, stream), s), p)
+    return jax.vmap(one)(sample_ids, positions)
+
+
+class _Carry(NamedTuple):
+    i: jax.Array  # step index
+    cache: dict
+    kv_valid: jax.Array  # (B, S)
+    h_last: jax.Array  # (B, 1, H) main-stream h_L of the newest position
+    position: jax.Array  # (B,) RoPE position of the newest token
+    tokens: jax.Array  # (B, N)
+    done: jax.Array  # (B,)
+    nfe: jax.Array  # (B,) summed over tokens
+    logits: jax.Array | None
+
+
+def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, ode_temperature,
+              guidance, class_labels, init_noise, eos_id, opts: GenerateOptions):
+    model = nnx.merge(graphdef, state)
+    is_l2d = not isinstance(model, LLM)
+    base = model.base if is_l2d else model
+    b, p = ids.shape
+    n_new = opts.max_new_tokens
+    s_len = p + n_new
+    kv_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
+    positions = positions_from_mask(mask)
+    pre = base(ids, positions, cache=init_cache(base.cfg, b, s_len), cache_index=0, kv_valid=kv_valid)
+    table = model.flow_table() if is_l2d else None
+    sigma = model.settings.noise_rescaling if is_l2d else 1.0
+    d = table.shape[-1] if is_l2d else 1
+    guided = is_l2d and model.settings.use_guidance and class_labels is not None
+
+    def next_logits(c: _Carry):
+        slot = p - 1 + c.i
+        pos = c.position[:, None]
+        base_logits = base.head(c.h_last)[:, 0]
+        if not is_l2d:
+            return base_logits, jnp.zeros((b,), jnp.int32)
+
+        def flow_logits(x, t, conditional):
+            labels = class_labels if conditional else None
+            return model.flow_only(c.h_last, c.cache, x, t, pos, slot, c.kv_valid, labels)
+
+        def run_ode(_):
+            if init_noise is None:
+                eps = jax.vmap(lambda k: jax.random.normal(k, (1, d)))(_row_keys(key, sample_ids, c.position, 1))
+            else:
+                eps = init_noise[c.i]
+            x0 = (eps * sigma).astype(jnp.float32)
+            f = nstep_lib.make_velocity(
+                flow_logits, table, opts.ode,
+                delta=nstep_lib.temperature_delta(opts.ode.method, ode_steps, opts.ode.final_t),
+                key=_row_keys(key, sample_ids, c.position, 2), temperature=ode_temperature,
+                guidance=guidance, guided=guided)
+            from l2d_jax import solvers
+
+            sol = solvers.integrate_fixed(f, x0, ode_steps, opts.ode.final_t, opts.ode.method,
+                                          max_points=opts.max_ode_points)
+            return flow_logits(sol.x, jnp.float32(opts.ode.final_t), True)[:, 0], sol.nfe
+
+        return jax.lax.cond(ode_steps >= 2, run_ode,
+                            lambda _: (base_logits, jnp.zeros((), jnp.int32)), None)
+
+    def body(c: _Carry) -> _Carry:
+        logits, nfe = next_logits(c)
+        tok = sampler.next_tokens(logits, _row_keys(key, sample_ids, c.position, 0))
+        tok = jnp.where(c.done, eos_id, tok)
+        nfe_row = jnp.where(c.done, 0, nfe)
+        tokens = c.tokens.at[:, c.i].set(tok)
+        done = c.done | (tok == eos_id)
+        slot = p + c.i
+        kv_valid = c.kv_valid.at[:, slot].set(True)
+        step = base(tok[:, None], (c.position + 1)[:, None], cache=c.cache, cache_index=slot, kv_valid=kv_valid)
+        all_logits = None if c.logits is None else c.logits.at[:, c.i].set(logits)
+        return _Carry(c.i + 1, step.cache, kv_valid, step.hidden, c.position + 1, tokens, done,
+                      c.nfe + nfe_row, all_logits)
+
+    def cond(c: _Carry):
+        return (c.i < n_new) & ~jnp.all(c.done)
+
+    v = base.cfg.vocab_size
+    init = _Carry(jnp.int32(0), pre.cache, kv_valid, pre.hidden[:, -1:], positions[:, -1],
+                  jnp.full((b, n_new), eos_id, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+                  jnp.zeros((b, n_new, v), jnp.float32) if opts.return_logits else None)
+    out = jax.lax.while_loop(cond, body, init)
+    is_eos = out.tokens == eos_id
+    first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, out.i)
+    lengths = jnp.minimum(first_eos, out.i).astype(jnp.int32)
+    nfe = out.nfe / jnp.maximum(lengths, 1)
+    return GenerateOutput(out.tokens, lengths, nfe, out.logits)
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "opts"))
+
+
+def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler = Sampler(0.0),
+             ode_temperature: float | None = None, guidance: float | None = None,
+             class_labels=None, init_noise=None, eos_id: int = -1, sample_ids=None,
+             num_return_sequences: int = 1, opts: GenerateOptions = GenerateOptions()) -> GenerateOutput:
+    """Generates up to ``opts.max_new_tokens`` tokens for a left-padded batch.
+
+    model: an LLM or an L2DModel; ids/mask (B, P) from ``left_pad``; ode_steps: grid points
+    of the per-token ODE (0 = base model; else 2..opts.max_ode_points); ode_temperature
+    overrides a constant x1-estimation temperature at run time; guidance: the CFG weight
+    (used when the model has guidance classes and class_labels (B,) are given);
+    init_noise (max_new_tokens, B, 1, D): standard-normal draws to use instead of the PRNG;
+    eos_id: stop token (-1: none); num_return_sequences: samples per prompt (rows repeated,
+    sample index folded into the PRNG).
+    """
+    ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    if num_return_sequences > 1:
+        ids, mask = (jnp.repeat(a, num_return_sequences, axis=0) for a in (ids, mask))
+        if class_labels is not None:
+            class_labels = jnp.repeat(jnp.asarray(class_labels), num_return_sequences, axis=0)
+    b = ids.shape[0]
+    if sample_ids is None:
+        sample_ids = jnp.tile(jnp.arange(num_return_sequences, dtype=jnp.int32), b // num_return_sequences)
+    if ode_steps and isinstance(model, LLM):
+        raise ValueError("ode_steps > 0 needs an L2D model; this is a base model (use ode_steps=0)")
+    if ode_steps == 1 or ode_steps < 0 or ode_steps > opts.max_ode_points:
+        raise ValueError(f"ode_steps counts ODE grid points: 0 (base model) or 2..{opts.max_ode_points} "
+                         f"(raise GenerateOptions.max_ode_points), got {ode_steps}")
+    g = guidance
+    if g is None and not isinstance(model, LLM):
+        g = model.settings.nstep_guidance_parameter
+    graphdef, state = nnx.split(model)
+    return _generate_jit(
+        graphdef, state, ids, mask, jnp.asarray(sample_ids, jnp.int32),
+        jax.random.PRNGKey(0) if key is None else key, jnp.int32(ode_steps), sampler,
+        None if ode_temperature is None else jnp.float32(ode_temperature),
+        jnp.float32(1.0 if g is None else g),
+        None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
+        None if init_noise is None else jnp.asarray(init_noise, jnp.float32),
+        jnp.int32(eos_id), opts)
