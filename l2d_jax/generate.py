@@ -208,3 +208,52 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
         None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
         None if init_noise is None else jnp.asarray(init_noise, jnp.float32),
         jnp.int32(eos_id), opts)
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, system: str | None = None) -> list[list[int]]:
+    """Token ids per prompt; with ``chat`` the tokenizer's chat template wraps each prompt as
+    one user turn (plus an optional system turn) and opens the assistant turn."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        out = []
+        for p in prompts:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        return out
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, system: str | None = None,
+                  batch_size: int = 8, **kwargs) -> list[dict]:
+    """Generates completions for text prompts in batches of ``batch_size`` (the last batch is
+    padded with a copy of its first prompt so every batch has the same shape).
+
+    Returns one record per prompt and return sequence: prompt, completion, new_tokens,
+    nfe_per_token, seconds (wall time of its batch, shared by its rows). kwargs go to
+    ``generate`` (ode_steps, sampler, opts, key, num_return_sequences, ...).
+    """
+    import time
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    kwargs.setdefault("eos_id", -1 if eos is None else int(eos))
+    n_ret = kwargs.get("num_return_sequences", 1)
+    encoded = encode_prompts(tokenizer, prompts, chat=chat, system=system)
+    length = bucket_length(max(len(e) for e in encoded))
+    records = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = encoded[start:start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch_size - real) if len(encoded) > batch_size else chunk
+        ids, mask = left_pad(chunk, pad, length)
+        t0 = time.perf_counter()
+        out = generate(model, ids, mask, **kwargs)
+        tokens = np.asarray(out.tokens)
+        lengths, nfe = np.asarray(out.lengths), np.asarray(out.nfe)
+        seconds = time.perf_counter() - t0
+        for r in range(real * n_ret):
+            new = tokens[r, :lengths[r]].tolist()
+            records.append(dict(prompt=prompts[start + r // n_ret],
+                                completion=tokenizer.decode(new, skip_special_tokens=True),
+                                new_tokens=int(lengths[r]), nfe_per_token=float(nfe[r]), seconds=seconds))
+    return records

@@ -1,0 +1,96 @@
+"""Device mesh with named axes and logical-axis rules (MaxText style).
+
+Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters
+sharded), ``tensor`` (tensor parallelism over heads / MLP / vocab). Every parameter carries
+logical axis names in its ``axes`` metadata (see ``l2d_jax.models.llm``); ``RULES`` maps
+each logical name to a mesh axis (or None = replicated). Rules are plain data, so a config
+can override them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (None: replicated)
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("flow_in", None),  # flow-path matrices are small: replicate
+    ("flow_out", None),
+    ("lora", None),
+    ("classes", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 (fills the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide by fsdp*tensor*... = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
+                         f"devices, but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for logical axis names. A mesh axis is used at most once per array, and
+    (given mesh and shape) only where it divides the dimension; otherwise that dim is replicated."""
+    if axes is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        target = table.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n not in used and (mesh is None or mesh.shape[n] > 1))
+        if names and mesh is not None and shape is not None:
+            size = int(np.prod([mesh.shape[n] for n in names]))
+            if shape[i] % size:
+                names = ()
+        used.update(names)
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    return P(*out)
+
+
+def state_shardings(state, mesh: Mesh, rules=RULES):
+    """NamedShardings for an nnx.State (or abstract state), from each Variable's ``axes``."""
+    def one(var):
+        axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+        value = var[...] if isinstance(var, nnx.Variable) else var
+        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, getattr(value, "shape", None)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch-major arrays (B, ...): B over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def rules_from_config(overrides: Mapping[str, str | None] | None) -> tuple:
+    """RULES with per-name overrides (e.g. from a config's ``sharding_rules``)."""
+    table = dict(RULES)
+    table.update(overrides or {})
+    return tuple(table.items())
