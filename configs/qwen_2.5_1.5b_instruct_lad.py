@@ -1,0 +1,25 @@
+"""Qwen 2.5 1.5B Instruct + L2D, full separate flow projections (copies of the base weights).
+
+The original's cfgs/model/qwen_2.5_1.5b_instruct_lad.cfg on top of cfgs/training.cfg: base
+model Qwen/Qwen2.5-1.5B-Instruct, the tokenizer's chat template, micro batch 2 per device,
+32 samples per optimizer step, bf16 (the original: DeepSpeed ZeRO stage 1).
+"""
+
+from l2d_jax.config import sibling_config
+
+base = sibling_config(__file__, "base")
+
+
+def get_config(arg=None):
+    del arg
+    config = base.released_l2d(base.get_config(), lora=False)
+
+    # The released .cfg says `noise_rescaling = 64com.0`, a typo; the intended value is 64.0
+    # (every other released config), which released_l2d sets.
+    config.pretrained_model_dir = "Qwen/Qwen2.5-1.5B-Instruct"
+    config.tokenizer_dir = "Qwen/Qwen2.5-1.5B-Instruct"
+    config.specified_template_type = None
+    config.micro_batch_size = 2
+    config.n_samples_before_backprop = 32
+    config.wandb_run_name = "qwen2.5_1.5bi/lad"
+    return config
