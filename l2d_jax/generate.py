@@ -42,7 +42,8 @@ class GenerateOptions:
 class GenerateOutput(NamedTuple):
     tokens: jax.Array  # (B, max_new_tokens) int32; after EOS: eos_id
     lengths: jax.Array  # (B,) number of new tokens up to and including EOS
-    nfe: jax.Array  # (B,) velocity evaluations per generated token (mean over the row's tokens)
+    nfe: jax.Array  # (B,) velocity evaluations per generated token (mean over the row's tokens;
+    # adaptive solvers in per-sequence mode: each row's own count)
     logits: jax.Array | None  # (B, max_new_tokens, V) float32 when return_logits
 
 
@@ -130,12 +131,15 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
                 guidance=guidance, guided=guided)
             from l2d_jax import solvers
 
-            sol = solvers.integrate_fixed(f, x0, ode_steps, opts.ode.final_t, opts.ode.method,
-                                          max_points=opts.max_ode_points)
-            return flow_logits(sol.x, jnp.float32(opts.ode.final_t), True)[:, 0], sol.nfe
+            o = opts.ode
+            sol = solvers.integrate(f, x0, o.method, final_t=o.final_t, num_points=ode_steps,
+                                    max_points=opts.max_ode_points, atol=o.atol, rtol=o.rtol,
+                                    per_sequence=o.per_sequence, max_steps=o.max_steps)
+            nfe = jnp.broadcast_to(sol.nfe, (b,))  # adaptive per-sequence: one count per row
+            return flow_logits(sol.x, jnp.float32(opts.ode.final_t), True)[:, 0], nfe
 
         return jax.lax.cond(ode_steps >= 2, run_ode,
-                            lambda _: (base_logits, jnp.zeros((), jnp.int32)), None)
+                            lambda _: (base_logits, jnp.zeros((b,), jnp.int32)), None)
 
     def body(c: _Carry) -> _Carry:
         logits, nfe = next_logits(c)
@@ -176,7 +180,8 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
     """Generates up to ``opts.max_new_tokens`` tokens for a left-padded batch.
 
     model: an LLM or an L2DModel; ids/mask (B, P) from ``left_pad``; ode_steps: grid points
-    of the per-token ODE (0 = base model; else 2..opts.max_ode_points); ode_temperature
+    of the per-token ODE (0 = base model; else 2..opts.max_ode_points; for an adaptive
+    ``opts.ode.method`` any value >= 2 just switches the flow path on); ode_temperature
     overrides a constant x1-estimation temperature at run time; guidance: the CFG weight
     (used when the model has guidance classes and class_labels (B,) are given);
     init_noise (max_new_tokens, B, 1, D): standard-normal draws to use instead of the PRNG;

@@ -26,6 +26,14 @@ class ODEOptions:
 
     ``temperature`` is the original's ``nstep_temperature_schedule`` (a float, 0 = argmax x1,
     or ``"polynomial_<p>_<end_t>"``); a float may be overridden per call at run time.
+
+    ``method``: a fixed grid (``FIXED_GRID``; ``ode_steps`` = grid points) or an adaptive one
+    (``solvers.ADAPTIVE_METHODS``: adaptive_heun, bosh3, fehlberg2, dopri5), for which
+    ``ode_steps`` only switches the flow path on (any value >= 2; it sets no step count) and
+    ``atol``/``rtol`` (the original's ``ode_kwargs``), ``per_sequence`` (each batch row its
+    own step sizes, as if alone; False: one step size and error norm for the whole batch, as
+    the original) and ``max_steps`` (step budget per token) apply; see
+    ``solvers.integrate_adaptive``.
     """
 
     method: str = "midpoint"
@@ -36,6 +44,10 @@ class ODEOptions:
     final_t: float = 1.0
     velocity_schedule: str = "constant"
     rescaling: str = "mult"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    per_sequence: bool = True
+    max_steps: int = 1000
 
     @classmethod
     def from_settings(cls, s, **overrides) -> "ODEOptions":
@@ -44,7 +56,8 @@ class ODEOptions:
                   temperature=0.0 if s.nstep_temperature_schedule is None else s.nstep_temperature_schedule,
                   normalize_x1=s.nstep_normalize_x1_predictions, clamp=s.nstep_clamp_predictions,
                   final_t=s.nstep_final_timestep, velocity_schedule=s.velocity_schedule,
-                  rescaling=s.flow_representation_rescaling or "none")
+                  rescaling=s.flow_representation_rescaling or "none",
+                  atol=s.ode.get("atol", 1e-5), rtol=s.ode.get("rtol", 1e-5))
         kw.update(overrides)
         return cls(**kw)
 
@@ -70,7 +83,8 @@ def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None]
     flow_logits(x, t, conditional: bool) -> logits (B, T, V); table: Phi (V, D) float32;
     key: one raw key (2,) or one per batch row (B, 2), needed for x1 sampling at T > 0;
     temperature: run-time override of a constant schedule; guided: mix conditional and
-    unconditional velocities with weight ``guidance``.
+    unconditional velocities with weight ``guidance``. t may be a scalar or (B,), one time
+    per batch row (adaptive solvers in per-sequence mode).
     """
     def temp_at(t):
         if temperature is not None:
@@ -83,6 +97,17 @@ def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None]
 
     def one(x, t, conditional):
         logits = flow_logits(x, t, conditional)
+        if jnp.ndim(t) == 1:  # one time per row: each row its own temperature and key
+            salt = jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) * 2 + int(conditional)
+            keys = None
+            if key is not None and key.ndim == 1:
+                keys = jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s))(
+                    jnp.arange(t.shape[0]), salt)
+            elif key is not None:
+                keys = jax.vmap(jax.random.fold_in)(key, salt)
+            x1 = jax.vmap(x1_of)(logits, t, keys)
+            t_rows = t.reshape(t.shape + (1,) * (x.ndim - 2))
+            return diffusion.velocity(x1.astype(x.dtype), x, t_rows.astype(x.dtype), opts.velocity_schedule)
         if key is None:
             x1 = x1_of(logits, t, None)
         else:
@@ -116,8 +141,9 @@ def nstep(model, input_ids: jax.Array, x0: jax.Array, num_points, opts: ODEOptio
           key: jax.Array | None = None, temperature: jax.Array | None = None,
           max_points: int | None = None, return_trajectory: bool = False) -> NStepOutput:
     """ODE over every position of ``input_ids`` (B, T) from x0 (B, T, D) (already scaled by
-    noise_rescaling), with the main path computed once. Fixed-grid methods only here;
-    ``num_points`` (grid points, >= 2) may be traced."""
+    noise_rescaling), with the main path computed once. ``num_points`` (grid points, >= 2)
+    may be traced; for adaptive methods it only sets the trajectory's output grid, and
+    ``nfe`` is (B,) in per-sequence mode."""
     b, n = input_ids.shape
     kv_valid = jnp.ones((b, n), bool) if attention_mask is None else attention_mask.astype(bool)
     if positions is None:
@@ -136,8 +162,10 @@ def nstep(model, input_ids: jax.Array, x0: jax.Array, num_points, opts: ODEOptio
     f = make_velocity(flow_logits, table, opts, delta=temperature_delta(opts.method, num_points, opts.final_t),
                       key=key, temperature=temperature, guidance=jnp.float32(1.0 if g is None else g),
                       guided=guided)
-    sol = solvers.integrate_fixed(f, x0, num_points, opts.final_t, opts.method, max_points=max_points,
-                                  return_trajectory=return_trajectory)
+    sol = solvers.integrate(f, x0, opts.method, final_t=opts.final_t, num_points=num_points,
+                            max_points=max_points, atol=opts.atol, rtol=opts.rtol,
+                            per_sequence=opts.per_sequence, max_steps=opts.max_steps,
+                            return_trajectory=return_trajectory)
     t_final = jnp.float32(opts.final_t)
     logits = flow_logits(sol.x, t_final, True)
     return NStepOutput(sol.trajectory, sol.x, logits, sol.nfe)

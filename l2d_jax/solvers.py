@@ -11,8 +11,10 @@ Grid and stage times are tabulated on the host with numpy: XLA contracts
 multiply-adds into FMAs (differently per backend), so computing them in the loop would
 not reproduce torch's float32 values bit for bit. The step count N may be a traced int
 when ``max_points`` is given (tables for every N <= max_points, O(max_points^2) floats).
-Adaptive-step methods (adaptive_heun, bosh3, fehlberg2, dopri5) get their own integrator
-beside ``integrate_fixed``.
+
+Adaptive-step methods (``integrate_adaptive``): adaptive_heun, bosh3, fehlberg2 (the
+original's) and dopri5 (ours), as torchdiffeq 0.2.5's RKAdaptiveStepsizeODESolver with a
+given first step. ``integrate`` dispatches on the method name.
 """
 
 from __future__ import annotations
@@ -35,13 +37,20 @@ _TWO_THIRDS = np.float32(2 / 3)
 
 
 class ODESolution(NamedTuple):
-    """x: the state at the final time; nfe: number of velocity calls (int32 scalar);
+    """x: the state at the final time; nfe: number of velocity calls (int32 scalar; for an
+    adaptive method in per-sequence mode one count per batch row, (B,));
     trajectory: None, or the states at the grid points with a leading axis of length
-    max_points (or N), entries past the last grid point equal to the final state."""
+    max_points (or N), entries past the last grid point equal to the final state.
+    Adaptive methods only (None for fixed grids): steps, the steps attempted (accepted or
+    rejected; per row in per-sequence mode); unfinished, bool, True where the step budget
+    ``max_steps`` ran out (or the step size underflowed or became non-finite, where
+    torchdiffeq raises) before final_t was reached: x then holds the last accepted state."""
 
     x: PyTree
     nfe: jax.Array
     trajectory: PyTree | None = None
+    steps: jax.Array | None = None
+    unfinished: jax.Array | None = None
 
 
 def _linspace_f32(num_points: int, final_t: float) -> np.ndarray:
@@ -246,3 +255,374 @@ def integrate_fixed(
         )
     nfe = jnp.asarray(_num_stages(method) * (n - 1), jnp.int32)
     return ODESolution(x, nfe, trajectory)
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptive-step Runge-Kutta methods (torchdiffeq 0.2.5, rk_common.RKAdaptiveStepsizeODESolver)
+# ---------------------------------------------------------------------------------------
+
+
+class _Tableau(NamedTuple):
+    """torchdiffeq's _ButcherTableau (alpha, beta, c_sol, c_error), its interpolation
+    weights ``mid`` and the order that sets the step-size exponent 1 / order."""
+
+    alpha: tuple[float, ...]
+    beta: tuple[tuple[float, ...], ...]
+    c_sol: tuple[float, ...]
+    c_error: tuple[float, ...]
+    mid: tuple[float, ...]
+    order: int
+
+    @property
+    def fsal(self) -> bool:
+        """The solution is the last stage's input (Dormand-Prince, Bogacki-Shampine)."""
+        return self.c_sol[-1] == 0 and self.c_sol[:-1] == self.beta[-1]
+
+
+_TABLEAUS = {
+    "adaptive_heun": _Tableau(
+        alpha=(1.0,), beta=((1.0,),), c_sol=(0.5, 0.5), c_error=(0.5, -0.5), mid=(0.5, 0.0), order=2
+    ),
+    "bosh3": _Tableau(
+        alpha=(1 / 2, 3 / 4, 1.0),
+        beta=((1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
+        c_sol=(2 / 9, 1 / 3, 4 / 9, 0.0),
+        c_error=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+        mid=(0.0, 0.5, 0.0, 0.0),
+        order=3,
+    ),
+    "fehlberg2": _Tableau(
+        alpha=(1 / 2, 1.0),
+        beta=((1 / 2,), (1 / 256, 255 / 256)),
+        c_sol=(1 / 512, 255 / 256, 1 / 512),
+        c_error=(-1 / 512, 0.0, 1 / 512),
+        mid=(0.0, 0.5, 0.0),
+        order=2,
+    ),
+    "dopri5": _Tableau(
+        alpha=(1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        beta=(
+            (1 / 5,),
+            (3 / 40, 9 / 40),
+            (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+        ),
+        c_sol=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        c_error=(
+            35 / 384 - 1951 / 21600,
+            0.0,
+            500 / 1113 - 22642 / 50085,
+            125 / 192 - 451 / 720,
+            -2187 / 6784 - -12231 / 42400,
+            11 / 84 - 649 / 6300,
+            -1.0 / 60.0,
+        ),
+        mid=(
+            6025192743 / 30085553152 / 2,
+            0.0,
+            51252292925 / 65400821598 / 2,
+            -2691868925 / 45128329728 / 2,
+            187940372067 / 1594534317056 / 2,
+            -1776094331 / 19743644256 / 2,
+            11237099 / 235043384 / 2,
+        ),
+        order=5,
+    ),
+}
+ADAPTIVE_METHODS = tuple(_TABLEAUS)
+METHODS = FIXED_GRID_METHODS + ADAPTIVE_METHODS
+
+# torchdiffeq's defaults (min_step 0, max_step inf) and L2D's first step
+_SAFETY, _IFACTOR, _DFACTOR = 0.9, 10.0, 0.2
+FIRST_STEP = 0.05
+
+
+class _Quartic(NamedTuple):
+    """Coefficients of torchdiffeq's interpolating quartic e + d x + c x^2 + b x^3 + a x^4."""
+
+    e: jax.Array
+    d: jax.Array
+    c: jax.Array
+    b: jax.Array
+    a: jax.Array
+
+
+class _AdaptiveCarry(NamedTuple):
+    y: PyTree  # last accepted state
+    f: PyTree  # derivative carried to the next step (torchdiffeq's f1 = k[-1])
+    t: jax.Array  # time of y (controller shape: () batch-wide, (B,) per sequence)
+    dt: jax.Array  # size of the next step
+    done: jax.Array  # reached final_t (or failed)
+    failed: jax.Array  # step size underflowed or became non-finite
+    nfe: jax.Array  # int32
+    steps: jax.Array  # int32, steps attempted
+    it: jax.Array  # int32 scalar, loop iterations
+    x_out: PyTree  # the state at final_t once done
+    trajectory: PyTree | None
+
+
+def integrate_adaptive(
+    f: VelocityFn,
+    x0: PyTree,
+    final_t: float,
+    method: str,
+    *,
+    atol: float | jax.Array = 1e-5,
+    rtol: float | jax.Array = 1e-5,
+    per_sequence: bool = True,
+    batch_axis: int = 0,
+    max_steps: int = 1000,
+    first_step: float | jax.Array = FIRST_STEP,
+    num_points: int | jax.Array | None = None,
+    max_points: int | None = None,
+    return_trajectory: bool = False,
+) -> ODESolution:
+    """Integrates dx/dt = f(t, x) from 0 to final_t with an embedded Runge-Kutta pair.
+
+    method: adaptive_heun (Heun-Euler 2(1)), bosh3 (Bogacki-Shampine 3(2)), fehlberg2
+    (Fehlberg RK1(2)) or dopri5 (Dormand-Prince 5(4)), step for step as torchdiffeq 0.2.5's
+    ``odeint(..., rtol, atol, method, options=dict(first_step=...))`` (the L2D original:
+    first step 0.05): stages ``t0 + alpha_i dt`` (an ``alpha = 1`` stage at the float just
+    below ``t0 + dt``), error ratio ``rms(err / (atol + rtol max(|y0|, |y1|)))`` (for a pytree
+    state the largest over leaves), accept when <= 1, next step ``dt * min(10, max(0.9 /
+    ratio^(1/order), 0.2 if rejected else 1))`` (10 when the ratio is 0), the last stage's
+    derivative carried to the next step (FSAL for dopri5 and bosh3; torchdiffeq does the same
+    for adaptive_heun and fehlberg2, reusing their last stage). Steps are not shortened to
+    land on final_t: the step that passes it is interpolated there with torchdiffeq's
+    quartic, as the original does. A velocity requested at t >= 1 is zero. NFE counts every
+    velocity call, including the initial f(0, x0): 1 + stages * steps attempted
+    (stages: adaptive_heun 1, fehlberg2 2, bosh3 3, dopri5 6).
+
+    Two modes:
+      per_sequence=False (batch-wide, the original): one step size, one error norm over the
+        WHOLE state, one accept/reject for all rows; f(t, x) gets a scalar t and nfe is a
+        scalar. Rows change each other's steps, so a row's result depends on its batch,
+        and easy rows dilute a hard row's error in the RMS (it gets fewer steps than alone).
+      per_sequence=True (ours): every row along ``batch_axis`` (of every leaf) has its own
+        time, step size, error norm (over that row's elements) and accept/reject, all rows
+        stepped together in one while_loop; f(t, x) gets t of shape (B,), one time per row,
+        and must treat rows independently. A row that reached final_t stops changing
+        (its velocities are still computed with the batch, then discarded); its nfe (B,)
+        counts the calls while it was active. Each row gets what it would get alone (up to
+        the rounding of f, which may differ with the batch size).
+
+    atol, rtol and first_step may be traced. max_steps (static) bounds the loop iterations
+    (= attempted steps of the slowest row); rows not at final_t when it runs out are flagged
+    in ``unfinished``. return_trajectory: also the states at the N = num_points grid points
+    ``linspace(0, final_t, N)`` (float32, as the original's output times; interpolated, the
+    steps do not depend on them), padded to max_points as in integrate_fixed.
+    """
+    if method not in _TABLEAUS:
+        raise ValueError(f"adaptive ODE method must be one of {', '.join(map(repr, ADAPTIVE_METHODS))}, "
+                         f"got {method!r}")
+    tab = _TABLEAUS[method]
+    max_steps = operator.index(max_steps)
+    leaves = jax.tree.leaves(x0)
+    tdt = jnp.promote_types(leaves[0].dtype, jnp.float32)
+    # the original's output times are float32 (torch.linspace), cast to the time dtype
+    t_end = jnp.asarray(np.float32(final_t), tdt)
+
+    if per_sequence:
+        axis = batch_axis % leaves[0].ndim
+        n_rows = leaves[0].shape[axis]
+        if any(leaf.shape[batch_axis % leaf.ndim] != n_rows for leaf in leaves):
+            raise ValueError("every leaf of x0 needs the same batch size along batch_axis")
+        ctrl_shape: tuple[int, ...] = (n_rows,)
+
+        def rows(s: jax.Array, leaf: jax.Array, lead: int = 0) -> jax.Array:
+            """A per-row array (lead..., B) shaped to broadcast against (lead..., *leaf)."""
+            ax = batch_axis % leaf.ndim
+            return s.reshape(s.shape[:lead] + tuple(n_rows if i == ax else 1 for i in range(leaf.ndim)))
+
+        def norm(v: jax.Array) -> jax.Array:
+            ax = batch_axis % v.ndim
+            other = tuple(i for i in range(v.ndim) if i != ax)
+            return jnp.sqrt(jnp.mean(jnp.square(jnp.abs(v)), axis=other))
+
+        def g(t: jax.Array, x: PyTree) -> PyTree:
+            def call() -> PyTree:
+                v = f(t, x)
+                return jax.tree.map(lambda a, y: jnp.where(rows(t >= 1, y), 0, a.astype(y.dtype)), v, x)
+
+            return lax.cond(jnp.all(t >= 1), lambda: jax.tree.map(jnp.zeros_like, x), call)
+
+    else:
+        ctrl_shape = ()
+
+        def rows(s: jax.Array, leaf: jax.Array, lead: int = 0) -> jax.Array:
+            return s.reshape(s.shape[:lead] + (1,) * leaf.ndim)
+
+        def norm(v: jax.Array) -> jax.Array:
+            return jnp.sqrt(jnp.mean(jnp.square(jnp.abs(v))))
+
+        g = _zero_at_one(f)
+
+    def tree_norm(tree: PyTree) -> jax.Array:
+        return functools.reduce(jnp.maximum, [norm(v) for v in jax.tree.leaves(tree)])
+
+    def combine(y: PyTree | None, ks: list[PyTree], coefs: list[jax.Array]) -> PyTree:
+        """y + sum_j k_j * coef_j, as torchdiffeq's ``y0 + torch.sum(k * coefs, -1)``."""
+
+        def leafwise(*args):
+            base, kk = (args[0], args[1:]) if y is not None else (None, args)
+            acc = None
+            for k, c in zip(kk, coefs):
+                term = k * rows(c, k).astype(k.dtype)
+                acc = term if acc is None else acc + term
+            return acc if base is None else base + acc
+
+        return jax.tree.map(leafwise, *(([y] if y is not None else []) + ks))
+
+    def coef(c: float, dt: jax.Array) -> jax.Array:
+        return jnp.asarray(c, tdt) * dt
+
+    def interp_coeffs(y0, y1, ks, dt):
+        """torchdiffeq's _interp_fit: [e, d, c, b, a] of the quartic on [t0, t1]."""
+        y_mid = combine(y0, ks, [coef(m, dt) for m in tab.mid])
+
+        def fit(y0, y1, ym, f0, f1):
+            h = rows(dt, y0).astype(y0.dtype)
+            a = 2 * h * (f1 - f0) - 8 * (y1 + y0) + 16 * ym
+            b = h * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym
+            c = h * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym
+            return _Quartic(y0, h * f0, c, b, a)
+
+        return jax.tree.map(fit, y0, y1, y_mid, ks[0], ks[-1])
+
+    def interp_eval(coeffs, s: jax.Array, lead: int = 0) -> PyTree:
+        """Polynomial at x = s (lead..., *ctrl_shape) in [0, 1], as _interp_evaluate."""
+
+        def ev(cs):
+            e = cs[0]
+            x = rows(s, e, lead).astype(e.dtype)
+            total = e + x * cs[1]
+            power = x
+            for c in cs[2:]:
+                power = power * x
+                total = total + power * c
+            return total
+
+        return jax.tree.map(ev, coeffs, is_leaf=lambda c: isinstance(c, _Quartic))
+
+    def optimal_step(dt: jax.Array, ratio: jax.Array) -> jax.Array:
+        ratio = ratio.astype(tdt)
+        dfactor = jnp.where(ratio < 1, jnp.asarray(1.0, tdt), jnp.asarray(_DFACTOR, tdt))
+        factor = jnp.minimum(_IFACTOR, jnp.maximum(_SAFETY / ratio ** (1.0 / tab.order), dfactor))
+        return dt * jnp.where(ratio == 0, jnp.asarray(_IFACTOR, tdt), factor)
+
+    def select(mask: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+        return jax.tree.map(lambda u, v: jnp.where(rows(mask, u), u, v), a, b)
+
+    grid = None
+    if return_trajectory:
+        if num_points is None:
+            raise ValueError("return_trajectory needs num_points (the output grid)")
+        grid = time_grid(num_points, final_t, max_points).astype(tdt)
+        grid = jnp.broadcast_to(grid.reshape((-1,) + (1,) * len(ctrl_shape)), grid.shape + ctrl_shape)
+
+    def body(c: _AdaptiveCarry) -> _AdaptiveCarry:
+        t0, dt = c.t, c.dt
+        t1 = t0 + dt
+        # torchdiffeq asserts a finite dt (a non-finite one becomes min_step = 0) and t0 + dt > t0
+        bad = ~c.done & ~(jnp.isfinite(dt) & (t1 > t0))
+        active = ~c.done & ~bad
+        ks = [c.f]
+        yi = c.y
+        for a, beta in zip(tab.alpha, tab.beta):
+            ti = jnp.nextafter(t1, jnp.asarray(-jnp.inf, tdt)) if a == 1.0 else t0 + jnp.asarray(a, tdt) * dt
+            yi = combine(c.y, ks, [coef(b, dt) for b in beta])
+            ks.append(g(ti, yi))
+        y1 = yi if tab.fsal else combine(c.y, ks, [coef(s, dt) for s in tab.c_sol])
+        err = combine(None, ks, [coef(e, dt) for e in tab.c_error])
+
+        def scaled(e, y0, y1):
+            tol = (jnp.asarray(atol).astype(e.dtype) + jnp.asarray(rtol).astype(e.dtype)
+                   * jnp.maximum(jnp.abs(y0), jnp.abs(y1)))
+            return e / tol
+
+        ratio = tree_norm(jax.tree.map(scaled, err, c.y, y1))
+        accept = active & (ratio <= 1)
+        dt_next = optimal_step(dt, ratio)
+        finished = accept & (t1 >= t_end)
+
+        coeffs = interp_coeffs(c.y, y1, ks, dt)
+        span = t1 - t0
+        x_end = interp_eval(coeffs, (t_end - t0) / span)
+        x_out = select(finished, x_end, c.x_out)
+        trajectory = c.trajectory
+        if trajectory is not None:
+            hit = accept & (grid > t0) & (grid <= t1)  # (L, *ctrl_shape)
+            values = interp_eval(coeffs, (grid - t0) / span, lead=1)
+            trajectory = jax.tree.map(lambda v, tr: jnp.where(rows(hit, tr[0], 1), v, tr), values, trajectory)
+
+        return _AdaptiveCarry(
+            y=select(accept, y1, c.y),
+            f=select(accept, ks[-1], c.f),
+            t=jnp.where(accept, t1, t0),
+            dt=jnp.where(active, dt_next, dt),
+            done=c.done | finished | bad,
+            failed=c.failed | bad,
+            nfe=c.nfe + jnp.where(active, len(tab.alpha), 0).astype(jnp.int32),
+            steps=c.steps + active.astype(jnp.int32),
+            it=c.it + 1,
+            x_out=x_out,
+            trajectory=trajectory,
+        )
+
+    def cond(c: _AdaptiveCarry) -> jax.Array:
+        return (c.it < max_steps) & ~jnp.all(c.done)
+
+    t_start = jnp.zeros(ctrl_shape, tdt)
+    f0 = g(t_start, x0)
+    trajectory = None
+    if grid is not None:
+        trajectory = jax.tree.map(lambda y: jnp.broadcast_to(y, (grid.shape[0],) + y.shape), x0)
+    done = jnp.broadcast_to(t_start >= t_end, ctrl_shape)
+    init = _AdaptiveCarry(
+        y=x0, f=f0, t=t_start, dt=jnp.broadcast_to(jnp.asarray(first_step, tdt), ctrl_shape),
+        done=done, failed=jnp.zeros(ctrl_shape, bool), nfe=jnp.ones(ctrl_shape, jnp.int32),
+        steps=jnp.zeros(ctrl_shape, jnp.int32), it=jnp.int32(0), x_out=x0, trajectory=trajectory)
+    out = lax.while_loop(cond, body, init)
+    reached = out.done & ~out.failed
+    x = select(reached, out.x_out, out.y)
+    trajectory = out.trajectory
+    if trajectory is not None:  # final_t (bit for bit x) and grid points a row never reached
+        beyond = (grid >= t_end) | (grid > out.t)
+        trajectory = jax.tree.map(lambda tr, v: jnp.where(rows(beyond, tr[0], 1), v, tr), trajectory, x)
+    return ODESolution(x, out.nfe, trajectory, out.steps, ~reached)
+
+
+def integrate(
+    f: VelocityFn,
+    x0: PyTree,
+    method: str,
+    *,
+    final_t: float,
+    num_points: int | jax.Array | None = None,
+    max_points: int | None = None,
+    atol: float | jax.Array = 1e-5,
+    rtol: float | jax.Array = 1e-5,
+    per_sequence: bool = True,
+    batch_axis: int = 0,
+    max_steps: int = 1000,
+    first_step: float | jax.Array = FIRST_STEP,
+    return_trajectory: bool = False,
+) -> ODESolution:
+    """Any method: fixed grids go to ``integrate_fixed`` (num_points grid points, >= 2; the
+    adaptive-only arguments are ignored; f gets a scalar t), adaptive methods to
+    ``integrate_adaptive`` (num_points only sets the trajectory's output grid; atol, rtol,
+    per_sequence, batch_axis, max_steps, first_step apply; in per-sequence mode f gets t of
+    shape (B,) and nfe is (B,))."""
+    if method in _TABLEAUS:
+        return integrate_adaptive(
+            f, x0, final_t, method, atol=atol, rtol=rtol, per_sequence=per_sequence,
+            batch_axis=batch_axis, max_steps=max_steps, first_step=first_step, num_points=num_points,
+            max_points=max_points, return_trajectory=return_trajectory)
+    if method not in FIXED_GRID_METHODS:
+        raise ValueError(f"ODE method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if num_points is None:
+        raise ValueError(f"fixed-grid method {method!r} needs num_points (grid points, >= 2)")
+    return integrate_fixed(f, x0, num_points, final_t, method, max_points=max_points,
+                           return_trajectory=return_trajectory)
