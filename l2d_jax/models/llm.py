@@ -84,7 +84,7 @@ class LLMConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "llama")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # HF Llama/Qwen2 default
             attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             dtype=dtype,

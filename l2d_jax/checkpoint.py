@@ -1,0 +1,193 @@
+"""The one checkpoint layout of l2d-jax, written atomically and restored against abstract targets.
+
+::
+
+    CKPT_DIR/l2d_jax.json   {"format_version": 1, "kind": "base"|"l2d", "hf_config": {...},
+                             "dtype": "<param dtype>", "l2d_settings": {...} (kind l2d only)}
+    CKPT_DIR/tokenizer/     tokenizer.save_pretrained (incl. the chat template); absent when
+                            the source had no tokenizer
+    CKPT_DIR/base/          orbax checkpoint of the base parameters (the LLM's pure dict)
+    CKPT_DIR/flow/          orbax checkpoint of the flow parameters (kind l2d only)
+
+Writes go to ``CKPT_DIR.tmp-<pid>`` and are moved onto ``CKPT_DIR`` with ``os.replace`` when
+complete; on any error the temporary directory is removed, so a failed write leaves nothing.
+Conversion writes are single-process (training checkpoints belong to the training loop).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from l2d_jax.errors import L2DError
+
+FORMAT_VERSION = 1
+MANIFEST = "l2d_jax.json"
+TOKENIZER_DIR = "tokenizer"
+KINDS = ("base", "l2d")
+PARTS = ("base", "flow")
+_MIN_IN_FLIGHT_BYTES = 16 * 2**20
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raises unless ``out_dir`` is absent, empty, or ``overwrite`` is set. Call before slow work."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise L2DError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise L2DError(f"output directory {out} exists and is not empty; pass --overwrite "
+                       "(overwrite=True) to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
+
+    On any exception the temporary directory is removed and ``out_dir`` is left as it was.
+    """
+    out = check_output_dir(out_dir, overwrite).absolute()
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # a failed orbax save may still have writer threads finishing: remove again at exit
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- save / read
+
+
+def save_checkpoint(out_dir: str | os.PathLike, *, base_params: Mapping, hf_config: Mapping,
+                    tokenizer=None, kind: str = "base", flow_params: Mapping | None = None,
+                    l2d_settings: Mapping | None = None, dtype: str, overwrite: bool = False) -> Path:
+    """Writes the layout above. ``base_params`` / ``flow_params``: pure dicts of arrays.
+
+    Pass JAX arrays (on any device): orbax writes them a few at a time. numpy leaves (e.g. from
+    ``jax.device_get``) go through orbax's numpy path, which holds a full extra copy (measured:
+    +330 MiB while saving a 358 MiB model).
+
+    ``dtype``: the parameter dtype recorded in the manifest. Returns ``out_dir``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "l2d" and flow_params is None:
+        raise ValueError("an 'l2d' checkpoint needs flow_params")
+    if kind == "base" and (flow_params is not None or l2d_settings is not None):
+        raise ValueError("a 'base' checkpoint takes no flow_params / l2d_settings; use kind='l2d'")
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": kind,
+                                "hf_config": _jsonable(hf_config), "dtype": str(dtype)}
+    if l2d_settings is not None:
+        manifest["l2d_settings"] = _jsonable(l2d_settings)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        _orbax_save(tmp / "base", base_params)
+        if flow_params is not None:
+            _orbax_save(tmp / "flow", flow_params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return Path(out_dir)
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    """The checked ``l2d_jax.json`` of a converted checkpoint directory."""
+    path = Path(ckpt_dir) / MANIFEST
+    if not Path(ckpt_dir).exists():
+        raise FileNotFoundError(f"{ckpt_dir} does not exist")
+    if not path.is_file():
+        raise L2DError(f"{ckpt_dir} is not an l2d-jax checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise L2DError(f"{path} is not valid JSON: {e}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise L2DError(f"{path}: format_version {version!r} is not supported (this l2d-jax reads "
+                       f"{FORMAT_VERSION}); convert the model again")
+    if manifest.get("kind") not in KINDS:
+        raise L2DError(f"{path}: kind {manifest.get('kind')!r} is not one of {KINDS}")
+    for key in ("hf_config", "dtype"):
+        if key not in manifest:
+            raise L2DError(f"{path} lacks {key!r}")
+    return manifest
+
+
+def restore_params(ckpt_dir: str | os.PathLike, part: str = "base", target: Mapping | None = None) -> dict:
+    """Restores the pure dict of ``part`` ("base" or "flow").
+
+    ``target``: a pytree of ``jax.ShapeDtypeStruct`` (with shardings, and possibly other
+    dtypes than stored): arrays are restored straight onto those shardings and cast. Without a
+    target every array lands on the default device in its stored dtype, and the numeric keys of
+    layer lists come back as ints.
+    """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    path = (Path(ckpt_dir) / part).absolute()
+    if not path.is_dir():
+        raise L2DError(f"checkpoint {ckpt_dir} has no {part}/ part")
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        if target is None:
+            target = _abstract_from_metadata(ckptr.metadata(path).item_metadata.tree)
+        return ckptr.restore(path, target)
+
+
+def _orbax_save(path: Path, tree: Mapping) -> None:
+    """Orbax PyTree save (restorable by ``StandardCheckpointer``) that stays near one model in memory.
+
+    Orbax's defaults hold a host copy of every array plus zstd buffers while writing (about a
+    second model); capping in-flight bytes at twice the largest array and skipping compression
+    (which gains little on float weights) bounds the extra memory by a few arrays.
+    """
+    import orbax.checkpoint as ocp
+
+    largest = max((int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)), default=0)
+    gb = max(2 * largest, _MIN_IN_FLIGHT_BYTES) / 1e9
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, save_device_host_concurrent_gb=gb,
+                                          use_compression=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(dict(tree)))
+
+
+def _abstract_from_metadata(tree) -> dict:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def convert(node):
+        if isinstance(node, Mapping):
+            return {(int(k) if isinstance(k, str) and k.isdigit() else k): convert(v) for k, v in node.items()}
+        return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype, sharding=device)
+
+    return convert(tree)
+
+
+def _jsonable(obj):
+    """Round-trips through JSON so that the manifest holds plain data (and fails early if not)."""
+    try:
+        return json.loads(json.dumps(obj))
+    except TypeError as e:
+        raise ValueError(f"checkpoint metadata is not JSON-serialisable: {e}") from None
