@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from l2d_jax import nstep as nstep_lib
+from l2d_jax import solvers
 from l2d_jax.models.llm import LLM, init_cache, positions_from_mask
 from l2d_jax.sampling import Sampler
 
@@ -110,9 +111,12 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
     def next_logits(c: _Carry):
         slot = p - 1 + c.i
         pos = c.position[:, None]
-        base_logits = base.head(c.h_last)[:, 0]
+
+        def base_logits(_=None):  # inside the cond branch: no LM head pass when the ODE runs
+            return base.head(c.h_last)[:, 0], jnp.zeros((b,), jnp.int32)
+
         if not is_l2d:
-            return base_logits, jnp.zeros((b,), jnp.int32)
+            return base_logits()
 
         def flow_logits(x, t, conditional):
             labels = class_labels if conditional else None
@@ -129,8 +133,6 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
                 delta=nstep_lib.temperature_delta(opts.ode.method, ode_steps, opts.ode.final_t),
                 key=_row_keys(key, sample_ids, c.position, 2), temperature=ode_temperature,
                 guidance=guidance, guided=guided)
-            from l2d_jax import solvers
-
             o = opts.ode
             sol = solvers.integrate(f, x0, o.method, final_t=o.final_t, num_points=ode_steps,
                                     max_points=opts.max_ode_points, atol=o.atol, rtol=o.rtol,
@@ -138,8 +140,7 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
             nfe = jnp.broadcast_to(sol.nfe, (b,))  # adaptive per-sequence: one count per row
             return flow_logits(sol.x, jnp.float32(opts.ode.final_t), True)[:, 0], nfe
 
-        return jax.lax.cond(ode_steps >= 2, run_ode,
-                            lambda _: (base_logits, jnp.zeros((b,), jnp.int32)), None)
+        return jax.lax.cond(ode_steps >= 2, run_ode, base_logits, None)
 
     def body(c: _Carry) -> _Carry:
         logits, nfe = next_logits(c)
