@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from l2d_jax.models.l2d import FLOW, L2DModel
-from l2d_jax.models.llm import LLM, LLMConfig
+from l2d_jax.models.l2d import FLOW, L2DModel, init_l2d
+from l2d_jax.models.llm import LLM, LLMConfig, init_llm
 from l2d_jax.settings import L2DSettings
 
 HF_CONFIG = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
@@ -30,17 +31,18 @@ LORA_SETTINGS = dict(
 
 
 def tiny_llm(seed: int = 0, **overrides) -> LLM:
-    return LLM(LLMConfig.from_hf({**HF_CONFIG, **overrides}), rngs=nnx.Rngs(seed))
+    return init_llm(LLMConfig.from_hf({**HF_CONFIG, **overrides}), seed)
 
 
 def tiny_l2d(seed: int = 0, perturb: float = 0.1, settings: dict | None = None, **llm_overrides) -> L2DModel:
     """L2D model with every flow parameter moved by N(0, perturb^2) (0: as initialised)."""
-    model = L2DModel(tiny_llm(seed, **llm_overrides), L2DSettings.from_dict(settings or LORA_SETTINGS),
-                     rngs=nnx.Rngs(seed + 1))
+    model = init_l2d(tiny_llm(seed, **llm_overrides), L2DSettings.from_dict(settings or LORA_SETTINGS), seed + 1)
     if perturb:
-        state = nnx.state(model, FLOW)
-        leaves, treedef = jax.tree_util.tree_flatten(state)
-        keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
-        leaves = [x + perturb * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-        nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+        nnx.update(model, _perturbed(nnx.state(model, FLOW), seed + 2, perturb))
     return model
+
+
+def _perturbed(state, seed: int, scale: float):
+    """Every leaf plus N(0, scale^2) noise drawn on the host (cheap: no compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state)

@@ -367,3 +367,9 @@ def broadcast_labels(labels, b: int, n: int) -> jax.Array | None:
     if labels.ndim == 1:
         labels = labels[:, None]
     return jnp.broadcast_to(labels, (b, n))
+
+
+def init_l2d(base: LLM, settings: L2DSettings, seed: int = 0) -> L2DModel:
+    """The flow path initialised as the spec says (section 7) beside ``base``, in one jit."""
+    settings.validate(hidden_size=base.cfg.hidden_size)
+    return nnx.jit(lambda b: L2DModel(b, settings, rngs=nnx.Rngs(seed)))(base)

@@ -382,3 +382,8 @@ def init_cache(cfg: LLMConfig, batch: int, length: int, dtype: str | None = None
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """RoPE positions for a left-padded batch: 0.. over real tokens, 0 on pads. (B, T) -> (B, T)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_llm(cfg: LLMConfig, seed: int = 0) -> LLM:
+    """A randomly initialised LLM, built inside one jit (eager init dispatches op by op)."""
+    return nnx.jit(lambda: LLM(cfg, rngs=nnx.Rngs(seed)))()
