@@ -217,13 +217,19 @@ class L2DModel(nnx.Module):
             c = c + jnp.take(flow.label_embedder[...], labels, axis=0).astype(dt)[None]
         return Conditioning(c[0], c[1] if need_c0 else None)
 
-    def _chunks(self, head, cond: Conditioning, n: int) -> tuple[list, list | None]:
-        """Evaluates a modulation head on c_t and c_0 in ONE call (identical rows give
-        identical results, so z(t) - z(0) is exactly 0 where t = 0); splits into n chunks."""
+    def _chunks(self, head: MLP, cond: Conditioning, n: int) -> tuple[list, list | None]:
+        """A modulation head on c_t (and c_0), split into n chunks each.
+
+        The hidden layer runs once on stack([c_t, c_0]); the last layer runs separately on
+        each half, as the original's two calls do: identical rows give identical z(t) and
+        z(0) where t = 0, and the last bias's gradient, +g and -g summed separately, cancels
+        to exactly 0 where the difference is taken.
+        """
         both = cond.c_t[None] if cond.c_0 is None else jnp.stack([cond.c_t, cond.c_0])
-        z = head(both)
-        zt = jnp.split(z[0], n, axis=-1)
-        z0 = None if cond.c_0 is None else jnp.split(z[1], n, axis=-1)
+        hidden = jax.nn.silu(head.layers[0](both))
+        last = head.layers[1]
+        zt = jnp.split(last(hidden[0]), n, axis=-1)
+        z0 = None if cond.c_0 is None else jnp.split(last(hidden[1]), n, axis=-1)
         return zt, z0
 
     def layer_modulation(self, i: int, cond: Conditioning) -> Modulation:
