@@ -20,6 +20,15 @@ class SettingsError(L2DError, ValueError):
     """Contradictory or unknown L2D settings."""
 
 
+ODE_METHODS = ("euler", "midpoint", "heun", "heun2", "heun3", "rk4",
+               "adaptive_heun", "bosh3", "fehlberg2", "dopri5")
+
+
+def _frozen(d: dict) -> tuple:
+    """A dict as sorted (key, value) pairs, nested dicts too: hashable, so jit can key on it."""
+    return tuple(sorted((k, _frozen(v) if isinstance(v, dict) else v) for k, v in d.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class L2DSettings:
     base_params_to_freeze: str = "all"  # original default None means "none"; released: all
@@ -100,7 +109,8 @@ class L2DSettings:
 
     @property
     def ode(self) -> dict:
-        return dict(self.ode_kwargs)
+        return {k: dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) else v
+                for k, v in self.ode_kwargs}
 
     # ---- construction
     @classmethod
@@ -112,7 +122,7 @@ class L2DSettings:
             raise SettingsError(f"unknown L2D setting(s) {unknown}; known: {sorted(names)}")
         kw = {k: v for k, v in d.items() if k in names}
         if isinstance(kw.get("ode_kwargs"), dict):
-            kw["ode_kwargs"] = tuple(sorted(kw["ode_kwargs"].items()))
+            kw["ode_kwargs"] = _frozen(kw["ode_kwargs"])
         s = cls(**kw)
         s.validate()
         return s
@@ -123,7 +133,7 @@ class L2DSettings:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["ode_kwargs"] = dict(self.ode_kwargs)
+        d["ode_kwargs"] = self.ode
         return d
 
     def replace(self, **kw) -> "L2DSettings":
@@ -193,6 +203,9 @@ class L2DSettings:
             bad(f"nstep_final_timestep={self.nstep_final_timestep} must be in [0, 1]")
         if self.nstep_x1_estimation not in ("average", "sample"):
             bad(f"nstep_x1_estimation={self.nstep_x1_estimation!r}; use 'average' or 'sample'")
+        method = self.ode.get("method", "midpoint")
+        if method not in ODE_METHODS:
+            bad(f"ode_kwargs method={method!r} is not supported; use one of {', '.join(ODE_METHODS)}")
         ts = self.nstep_temperature_schedule
         if isinstance(ts, str) and not ts.lower().startswith("polynomial_"):
             bad(f"nstep_temperature_schedule={ts!r}; use a float or 'polynomial_<p>_<end_t>'")

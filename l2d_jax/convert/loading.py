@@ -39,11 +39,10 @@ def source_kind(path: str | os.PathLike) -> str:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
-    """(LLM, tokenizer or None) from an HF dir, a .gguf file or a converted checkpoint dir.
+    """(model, tokenizer or None) from an HF dir, a .gguf file or a converted checkpoint dir.
 
+    The model is an ``LLM``, or an ``L2DModel`` for a converted checkpoint of kind "l2d".
     Parameters end up in ``param_dtype`` (default ``dtype``), computation runs in ``dtype``.
-    For a converted ``l2d`` checkpoint this returns its base model (the L2D wrapper loads
-    through ``l2d_jax.models.l2d``).
     """
     kind = source_kind(path)
     if kind == "gguf":
@@ -56,6 +55,10 @@ def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | Non
 
         model, _ = load_hf(path, dtype=dtype, param_dtype=param_dtype)
         return model, load_tokenizer(path)
+    if checkpoint.read_manifest(path)["kind"] == "l2d":
+        from l2d_jax.convert.l2d_torch import load_l2d
+
+        return load_l2d(path, dtype=dtype, param_dtype=param_dtype)
     model, _ = load_converted_base(path, dtype=dtype, param_dtype=param_dtype)
     return model, load_tokenizer(path)
 
