@@ -134,3 +134,77 @@ def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
     return checkpoint.save_checkpoint(out_dir, base_params=params, hf_config=hf_config,
                                       tokenizer=tokenizer, kind="base", dtype=dtype,
                                       overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- any source
+
+
+def _hub_or_path(spec: str) -> str:
+    p = Path(spec).expanduser()
+    if p.exists():
+        return str(p)
+    from l2d_jax.config import resolve_model_path
+
+    return resolve_model_path(spec)
+
+
+def model_kind(ckpt) -> str:
+    """"l2d" (converted L2D checkpoint), "workdir" (a training workdir or one of its
+    ``checkpoints/<step>``), "base" (HF dir, .gguf, converted base checkpoint) or "hub"
+    (not a local path: a hub id of a base model)."""
+    from l2d_jax import checkpoint
+
+    p = Path(str(ckpt)).expanduser()
+    if not p.exists():
+        return "hub"
+    if p.is_file():
+        return "base"
+    if (p / checkpoint.MANIFEST).is_file():
+        return "l2d" if checkpoint.read_manifest(p).get("kind") == "l2d" else "base"
+    if (p / "checkpoints").is_dir() or (p / "export").is_dir() or (
+            (p / "state").is_dir() and (p.parent.parent / "config.json").is_file()):
+        return "workdir"
+    return "base"
+
+
+def load_any(ckpt: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                  tokenizer_dir: str | None = None):
+    """(model, tokenizer, description) for ``ckpt``: a converted L2D checkpoint (kind "l2d":
+    an ``L2DModel``), a training workdir or one of its ``checkpoints/<step>`` (its export when
+    the run finished, else the newest checkpoint: ``l2d_jax.train.loop.load_trained``), or a
+    base model (HF directory or hub id, ``.gguf`` file, converted base checkpoint: an ``LLM``,
+    step 0 only)."""
+    kind = model_kind(ckpt)
+    desc = {"ckpt": str(ckpt), "kind": "l2d" if kind in ("l2d", "workdir") else "base"}
+    if kind == "l2d":
+        from l2d_jax.convert.l2d_torch import load_l2d
+
+        model, tok = load_l2d(Path(ckpt).expanduser(), dtype=dtype, param_dtype=param_dtype)
+    elif kind == "workdir":
+        try:
+            from l2d_jax.train.loop import latest_export_or_checkpoint, load_trained
+        except ImportError as e:  # pragma: no cover - present in a full install
+            raise L2DError(f"{ckpt} looks like a training workdir, but l2d_jax.train.loop (needed to "
+                           "read it) is not available; pass an exported checkpoint directory") from e
+        p = Path(ckpt).expanduser()
+        if (p / "state").is_dir():
+            desc["resolved"] = str(p)
+        else:
+            desc["resolved"] = str(latest_export_or_checkpoint(p))
+        model, tok = load_trained(p, dtype=dtype, param_dtype=param_dtype)
+    else:
+        path = _hub_or_path(str(ckpt))
+        model, tok = load(path, dtype=dtype, param_dtype=param_dtype)
+    return model, _tokenizer(tok, tokenizer_dir, ckpt), desc
+
+
+def _tokenizer(tok, tokenizer_dir, path):
+    if tokenizer_dir:
+        from l2d_jax.config import load_tokenizer
+
+        return load_tokenizer(tokenizer_dir)
+    if tok is None:
+        raise L2DError(f"{path} has no tokenizer; set tokenizer_dir (--set tokenizer_dir=PATH_OR_HUB_ID)")
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -54,6 +54,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from l2d_jax.convert import loading
 from l2d_jax.errors import L2DError
 
 BASE = "base"
@@ -876,79 +877,6 @@ def load_eval_config(path, overrides: Iterable[str] = ()):
     return cfg
 
 
-def _hub_or_path(spec: str) -> str:
-    p = Path(spec).expanduser()
-    if p.exists():
-        return str(p)
-    from l2d_jax.config import resolve_model_path
-
-    return resolve_model_path(spec)
-
-
-def checkpoint_kind(ckpt) -> str:
-    """"l2d" (converted L2D checkpoint), "workdir" (a training workdir or one of its
-    ``checkpoints/<step>``), "base" (HF dir, .gguf, converted base checkpoint) or "hub"
-    (not a local path: a hub id of a base model)."""
-    from l2d_jax import checkpoint
-
-    p = Path(str(ckpt)).expanduser()
-    if not p.exists():
-        return "hub"
-    if p.is_file():
-        return "base"
-    if (p / checkpoint.MANIFEST).is_file():
-        return "l2d" if checkpoint.read_manifest(p).get("kind") == "l2d" else "base"
-    if (p / "checkpoints").is_dir() or (p / "export").is_dir() or (
-            (p / "state").is_dir() and (p.parent.parent / "config.json").is_file()):
-        return "workdir"
-    return "base"
-
-
-def load_for_eval(ckpt: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                  tokenizer_dir: str | None = None):
-    """(model, tokenizer, description) for ``ckpt``: a converted L2D checkpoint (kind "l2d":
-    an ``L2DModel``), a training workdir or one of its ``checkpoints/<step>`` (its export when
-    the run finished, else the newest checkpoint: ``l2d_jax.train.loop.load_trained``), or a
-    base model (HF directory or hub id, ``.gguf`` file, converted base checkpoint: an ``LLM``,
-    step 0 only)."""
-    from l2d_jax.convert import loading
-
-    kind = checkpoint_kind(ckpt)
-    desc = {"ckpt": str(ckpt), "kind": "l2d" if kind in ("l2d", "workdir") else "base"}
-    if kind == "l2d":
-        from l2d_jax.convert.l2d_torch import load_l2d
-
-        model, tok = load_l2d(Path(ckpt).expanduser(), dtype=dtype, param_dtype=param_dtype)
-    elif kind == "workdir":
-        try:
-            from l2d_jax.train.loop import latest_export_or_checkpoint, load_trained
-        except ImportError as e:  # pragma: no cover - present in a full install
-            raise L2DError(f"{ckpt} looks like a training workdir, but l2d_jax.train.loop (needed to "
-                           "read it) is not available; pass an exported checkpoint directory") from e
-        p = Path(ckpt).expanduser()
-        if (p / "state").is_dir():
-            desc["resolved"] = str(p)
-        else:
-            desc["resolved"] = str(latest_export_or_checkpoint(p))
-        model, tok = load_trained(p, dtype=dtype, param_dtype=param_dtype)
-    else:
-        path = _hub_or_path(str(ckpt))
-        model, tok = loading.load(path, dtype=dtype, param_dtype=param_dtype)
-    return model, _tokenizer(tok, tokenizer_dir, ckpt), desc
-
-
-def _tokenizer(tok, tokenizer_dir, path):
-    if tokenizer_dir:
-        from l2d_jax.config import load_tokenizer
-
-        return load_tokenizer(tokenizer_dir)
-    if tok is None:
-        raise L2DError(f"{path} has no tokenizer; set tokenizer_dir (--set tokenizer_dir=PATH_OR_HUB_ID)")
-    if tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tasks=None,
                     batch_size=None, allow_unsandboxed=None, progress: bool = True, model=None,
                     tokenizer=None) -> dict:
@@ -965,7 +893,7 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
     limit = None if limit is None or int(limit) < 0 else int(limit)
     if model is None:
         _reject_base_early(ckpt, steps)
-        model, tokenizer, desc = load_for_eval(ckpt, dtype=cfg.get("dtype", "float32"),
+        model, tokenizer, desc = loading.load_any(ckpt, dtype=cfg.get("dtype", "float32"),
                                                param_dtype=cfg.get("param_dtype") or None,
                                                tokenizer_dir=cfg.get("tokenizer_dir") or None)
     else:
@@ -1009,7 +937,7 @@ def _temp(v):
 
 def _reject_base_early(ckpt: str, steps) -> None:
     """Fails fast (before loading weights) for a base model asked for ODE steps."""
-    if not any(s != BASE for s in steps) or checkpoint_kind(ckpt) not in ("base", "hub"):
+    if not any(s != BASE for s in steps) or loading.model_kind(ckpt) not in ("base", "hub"):
         return
     bad = ", ".join(str(s) for s in steps if s != BASE)
     raise L2DError(f"{ckpt} is a base model (no flow path): only step 0 ('base') can run, not {bad}. "
