@@ -263,3 +263,38 @@ def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, sy
                                 completion=tokenizer.decode(new, skip_special_tokens=True),
                                 new_tokens=int(lengths[r]), nfe_per_token=float(nfe[r]), seconds=seconds))
     return records
+
+
+def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = None, solver: str = "midpoint",
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 ode_temperature: str | float | None = None, x1_estimation: str | None = None,
+                 guidance: float | None = None, class_label: int | None = None,
+                 num_return_sequences: int = 1, batch_size: int = 8, seed: int = 0,
+                 dtype: str = "float32", system: str | None = None, chat: bool = True) -> list[dict]:
+    """What ``l2d-jax generate`` does: load any model source, then ``generate_text``."""
+    from l2d_jax.convert.loading import load_any
+    from l2d_jax.errors import L2DError
+
+    if not prompts:
+        raise L2DError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    model, tokenizer, _ = load_any(model_path, dtype=dtype)
+    is_l2d = not isinstance(model, LLM)
+    steps = (8 if is_l2d else 0) if steps is None else steps
+    ode_kw = {}
+    temperature_override = None
+    if is_l2d:
+        ode_kw = dict(method=solver)
+        if x1_estimation:
+            ode_kw["x1_estimation"] = x1_estimation
+        if ode_temperature is not None:
+            try:
+                temperature_override = float(ode_temperature)
+            except ValueError:
+                ode_kw["temperature"] = ode_temperature  # a schedule string: static
+    ode = nstep_lib.ODEOptions.from_settings(model.settings, **ode_kw) if is_l2d else nstep_lib.ODEOptions()
+    opts = GenerateOptions(max_new_tokens=max_new_tokens, ode=ode, max_ode_points=max(64, steps))
+    labels = None if class_label is None else [class_label] * min(batch_size, len(prompts))
+    return generate_text(model, tokenizer, prompts, chat=chat, system=system, batch_size=batch_size,
+                         ode_steps=steps, sampler=Sampler(temperature, top_p, top_k),
+                         ode_temperature=temperature_override, guidance=guidance, class_labels=labels,
+                         num_return_sequences=num_return_sequences, key=jax.random.PRNGKey(seed), opts=opts)
