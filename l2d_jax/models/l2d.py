@@ -236,9 +236,10 @@ class L2DModel(nnx.Module):
         """The flow stream's effective norm weights, shifts and scales for layer i (spec 5)."""
         s, layer = self.settings, self.base.layers[i]
         n = 6 if s.full_dit_modulation else 2
-        zt, z0 = self._chunks(self.flow.layers[i].modulation, cond, n)
-        g1, g2 = layer.input_layernorm.weight[...], layer.post_attention_layernorm.weight[...]
         freeze = s.freeze_modulation_at_flow_start
+        # z(0) of the per-layer heads matters only under freeze (the final head always uses c_0)
+        zt, z0 = self._chunks(self.flow.layers[i].modulation, cond if freeze else cond._replace(c_0=None), n)
+        g1, g2 = layer.input_layernorm.weight[...], layer.post_attention_layernorm.weight[...]
         if s.full_dit_modulation:
             w1, sh1, sc1, w2, sh2, sc2 = zt
         else:
