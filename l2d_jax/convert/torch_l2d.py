@@ -157,10 +157,25 @@ def import_original_state(model, state: Mapping[str, np.ndarray], *, check_base:
         value = value.T if target.transpose else value
         if e.alias_of is None and e.path[0] == "flow":
             _set(pure, e.path, jnp.asarray(value, ours.dtype))
-        elif check_base and not np.array_equal(np.asarray(ours, np.float32), value.astype(np.float32)):
+        elif check_base and not same_base_tensor(ours, value):
             raise StateMismatch(f"base tensor {e.name!r} differs from the base model's (wrong --base?)")
     nnx.replace_by_pure_dict(st, pure)
     return nnx.merge(gd, st)
+
+
+def same_base_tensor(ours, stored) -> bool:
+    """Whether a base tensor stored in a checkpoint equals ours, compared at the LOWER of the
+    two precisions: a bfloat16 state (the original trains and saves in bf16) holds the base
+    cast to bf16 (round to nearest even, as torch casts), and a base loaded in bf16 holds a
+    float32 state's values rounded the same way. Equal precisions compare exactly."""
+    import ml_dtypes
+
+    ours, stored = np.asarray(ours), np.asarray(stored)
+    kinds = [a.dtype for a in (ours, stored)]
+    if all(np.issubdtype(k, np.floating) or k == ml_dtypes.bfloat16 for k in kinds):
+        low = min(kinds, key=lambda k: ml_dtypes.finfo(k).nmant)
+        ours, stored = ours.astype(low), stored.astype(low)
+    return bool(np.array_equal(ours.astype(np.float32), stored.astype(np.float32)))
 
 
 def export_original_state(model, dtype: str = "float32") -> dict[str, np.ndarray]:
