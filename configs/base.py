@@ -26,6 +26,7 @@ def get_config(arg=None):
         dtype="bfloat16",              # the original trains with DeepSpeed bf16 = True
         param_dtype="bfloat16",
         remat=False,                   # the original: no activation checkpointing
+        shifted_labels=True,           # train_forward_step's labels are shifted
 
         # ---- data (training.cfg [DATA], [TRAINING])
         data_source="hf",

@@ -168,9 +168,13 @@ def _orbax_save(path: Path, tree: Mapping) -> None:
     largest = max((int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(tree)), default=0)
     gb = max(2 * largest, _MIN_IN_FLIGHT_BYTES) / 1e9
+    # several JAX processes (training's export runs on process 0 only): this process writes
+    # alone, without orbax's cross-process barriers (which would wait for the others forever)
+    solo = {} if jax.process_count() == 1 else {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()})}
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, save_device_host_concurrent_gb=gb,
-                                          use_compression=False)
-    with ocp.Checkpointer(handler) as ckptr:
+                                          use_compression=False, **solo)
+    with ocp.Checkpointer(handler, **solo) as ckptr:
         ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(dict(tree)))
 
 

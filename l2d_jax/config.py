@@ -110,6 +110,8 @@ TRAINING_SCHEMA: dict[str, Spec] = {
     "dtype": _s("str", "compute dtype", choices=DTYPES),
     "param_dtype": _s("str", "parameter dtype of the (frozen) base model", choices=DTYPES),
     "remat": _s("bool", "rematerialise decoder layers in the backward pass"),
+    "shifted_labels": _s("bool", "labels already shifted (label i = token i+1, the original's training); "
+                                 "False: HF-style unshifted labels"),
     # data
     "data_source": _s("str", "how train/valid_filepaths are read ('auto': per entry)", choices=DATA_SOURCES),
     "train_filepaths": _s("seq", "'hub_id,subset,split' | file.jsonl/.json/.parquet | "

@@ -1,0 +1,240 @@
+"""Where training metrics go: TensorBoard + console (clu), ``metrics.jsonl``, optional W&B,
+a progress bar, and an optional profiler trace.
+
+Only process 0 writes files (the other processes get a console-only clu writer). Heavy
+imports (clu pulls in TensorFlow, wandb) happen lazily, when a logger is created.
+
+``WORKDIR/metrics.jsonl`` holds one JSON object per line: training lines
+``{"step", "loss", "lr", "tokens_per_s", ...}`` every ``log_interval`` steps and validation
+lines ``{"step", "val_loss", "val_ppl", ...}``. On resume, lines of steps after the restored
+checkpoint are dropped (``truncate_jsonl``), so the file reads as one clean run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+log = logging.getLogger("l2d_jax.train")
+
+JSONL = "metrics.jsonl"
+TB_DIR = "tensorboard"
+PROFILE_DIR = "profile"
+
+
+def _plain(v: Any):
+    """A JSON-friendly python scalar (NaN/inf kept as floats; json writes NaN/Infinity)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    a = np.asarray(v)
+    if a.ndim == 0:
+        return float(a) if np.issubdtype(a.dtype, np.floating) else a.item()
+    return [_plain(x) for x in a.tolist()]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every object of a metrics.jsonl (missing file: [])."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: skip it
+                continue
+    return out
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
+    """Drops lines whose step is > max_step (and broken lines): the metrics of steps that a
+    restart will redo."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    keep = [r for r in read_jsonl(p) if int(r.get("step", 0)) <= max_step]
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, p)
+
+
+class MetricsLogger:
+    """clu writers + metrics.jsonl + optional wandb + progress bar.
+
+    workdir: the run directory; main: whether this is process 0 (the only one writing
+    files); wandb_config: None, or ``{"project", "name", "config"}`` to log to Weights &
+    Biases (``save_wandb``); total_steps/start_step: for the progress bar.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, main: bool = True, wandb_config: Mapping | None = None,
+                 total_steps: int | None = None, start_step: int = 0, progress: bool = True):
+        from clu import metric_writers
+
+        self.workdir, self.main = Path(workdir), main
+        self.writer = metric_writers.create_default_writer(
+            str(self.workdir / TB_DIR) if main else None, just_logging=not main, asynchronous=False)
+        self.jsonl = (self.workdir / JSONL).open("a") if main else None
+        self.wandb = None
+        if main and wandb_config is not None:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_config.get("project", "l2d-jax"), name=wandb_config.get("name"),
+                                    config=dict(wandb_config.get("config") or {}),
+                                    dir=str(self.workdir), resume="allow", id=wandb_config.get("id"))
+        self.bar = None
+        if main and progress and total_steps:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
+
+    # ---------------------------------------------------------------- writing
+
+    def _write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        flat = {k: _plain(v) for k, v in scalars.items()}
+        numeric = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.writer.write_scalars(step, numeric)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": int(step), **flat}) + "\n")
+            self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
+
+    def log_train(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One training line: at least loss, lr, tokens_per_s."""
+        self._write(step, scalars)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{float(scalars['loss']):.4f}",
+                                 tok_s=f"{float(scalars.get('tokens_per_s', 0)):.0f}",
+                                 lr=f"{float(scalars.get('lr', 0)):.3g}", refresh=False)
+
+    def log_validation(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One validation line (val_* keys)."""
+        self._write(step, scalars)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validation_scalars(sums: Mapping[str, float], num_t_bins: int = 0, nstep_points: int = 0) -> dict:
+    """val_* metrics from summed eval outputs (``Trainer.eval_step`` sums over batches).
+
+    val_loss: token-weighted mean CE (the original averages per-batch means instead);
+    val_ppl = exp(val_loss); val_acc_expected: mean probability of the label (temperature 1);
+    val_acc_greedy: argmax accuracy; val_binned_loss/t<a>-<b> (+ _ppl, _count) per t bin;
+    with nstep: val_nstep_loss, val_nstep_ppl, val_nstep_acc_expected, val_nstep_acc_greedy.
+    """
+    n = max(float(sums["n_tokens"]), 1.0)
+    loss = float(sums["loss_sum"]) / n
+    out = {"val_loss": loss, "val_ppl": _exp(loss), "val_acc_expected": float(sums["prob_sum"]) / n,
+           "val_acc_greedy": float(sums["greedy_correct"]) / n, "val_tokens": float(sums["n_tokens"])}
+    if num_t_bins and "binned_loss_sum" in sums:
+        out.update(binned_scalars(sums["binned_loss_sum"], sums["binned_count"], "val_"))
+    if nstep_points >= 2 and "nstep_loss_sum" in sums:
+        nl = float(sums["nstep_loss_sum"]) / n
+        out.update({"val_nstep_loss": nl, "val_nstep_ppl": _exp(nl),
+                    "val_nstep_acc_expected": float(sums["nstep_prob_sum"]) / n,
+                    "val_nstep_acc_greedy": float(sums["nstep_greedy_correct"]) / n,
+                    "val_nstep_points": int(nstep_points)})
+    return out
+
+
+def binned_scalars(loss_sums, counts, prefix: str = "") -> dict:
+    """``<prefix>binned_loss/t0.0-0.1`` (mean loss, NaN when empty), ``_ppl`` and ``_count``."""
+    loss_sums, counts = np.asarray(loss_sums, np.float64), np.asarray(counts, np.float64)
+    nb = len(counts)
+    out = {}
+    for i in range(nb):
+        key = f"t{i / nb:.1f}-{(i + 1) / nb:.1f}"
+        mean = loss_sums[i] / counts[i] if counts[i] > 0 else float("nan")
+        out[f"{prefix}binned_loss/{key}"] = float(mean)
+        out[f"{prefix}binned_ppl/{key}"] = _exp(mean)
+        out[f"{prefix}binned_count/{key}"] = int(counts[i])
+    return out
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+# --------------------------------------------------------------------------- profiler
+
+
+class Profiler:
+    """A ``jax.profiler`` trace of some steps into ``WORKDIR/profile``.
+
+    ``profile_steps``: falsy = off; an int n = the n steps after the first step of this
+    process (which compiles); ``[first, last]`` = those optimizer steps (1-based, inclusive).
+    Call ``before(step)`` before running step ``step`` and ``after(step)`` once it finished.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, profile_steps, start_step: int, main: bool = True):
+        self.dir = Path(workdir) / PROFILE_DIR
+        self.active = False
+        self.first = self.last = None
+        if not profile_steps or not main:
+            return
+        if isinstance(profile_steps, (int, np.integer)):
+            self.first, self.last = start_step + 2, start_step + 1 + int(profile_steps)
+        else:
+            self.first, self.last = (int(x) for x in profile_steps)
+
+    def before(self, step: int) -> None:
+        if self.first is not None and step == self.first and not self.active:
+            import jax
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.dir))
+            self.active = True
+            log.info("profiler: tracing steps %d..%d into %s", self.first, self.last, self.dir)
+
+    def after(self, step: int, block_on=None) -> None:
+        if self.active and step >= self.last:
+            import jax
+
+            if block_on is not None:
+                jax.block_until_ready(block_on)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self) -> None:
+        if self.active:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.active = False
