@@ -25,6 +25,7 @@ _TASK_MODULES: list[str] = [
     "l2d_jax.evaluation.tasks.math_task",
     "l2d_jax.evaluation.tasks.arc",
     "l2d_jax.evaluation.tasks.piqa",
+    "l2d_jax.evaluation.tasks.arithmetic",
 ]
 _loaded = False
 

@@ -1,0 +1,74 @@
+"""``l2d-jax demo``: SmolLM2-135M-Instruct + L2D (released LoRA settings) on generated
+arithmetic word problems, then accuracy vs. ODE steps on held-out problems.
+
+An ordinary training config built on ``smollm2_135m_instruct_lad_lora.py`` (and so on
+``base.py``): the same command runs the Llama / Qwen configs with ``--config`` pointing at a
+copy of this file that loads another sibling. ``configs/demo.py:quick`` is the ``--quick``
+size. The demo-only settings (problem counts, seeds, evaluation) are ``demo_settings(arg)``;
+``--config.KEY=VALUE`` sets either kind of key.
+
+Sizes (2 CPU cores, float32; measured on a loaded 2-core machine, where the demo got ~0.65
+core, and scaled to an idle one): a SmolLM2 training step at 8 x 96 tokens takes ~7 s idle
+(~20 s loaded), so the default 60 steps are ~7-8 min plus ~1 min set-up; evaluation costs
+per held-out problem (batch ~50, ~20 new tokens, midpoint) about 0.3 s at base, 1 s at 2,
+1.8 s at 4, 3.6 s at 8 and 7.5 s at 16 grid points (~14 s for all five), so the default
+evaluates the first 64 of the 300 held-out problems (~15 min): ~25-30 min in all on an idle
+machine (2-3x that when the cores are shared). ``--config.eval_limit=300`` evaluates all of
+them (~70 min more). ``--quick``: 6 steps, 16 problems at base / 2 / 8, a few minutes.
+"""
+
+from l2d_jax.config import sibling_config
+
+smollm2 = sibling_config(__file__, "smollm2_135m_instruct_lad_lora")
+
+
+def get_config(arg=None):
+    quick = arg == "quick"
+    config = smollm2.get_config()
+    config.dtype = "float32"          # CPU: float32 is the fast path
+    config.param_dtype = "float32"
+
+    config.data_source = "local"
+    config.train_filepaths = ("l2d_demo/data/train.jsonl",)  # the demo sets it to <out>/data/train.jsonl
+    config.valid_filepaths = ()
+    config.exclude_train_data_category = ()
+    config.max_seq_len = 128
+    config.seq_len_buckets = (96, 128)
+
+    config.micro_batch_size = 8
+    config.micro_valid_batch_size = 8
+    config.n_samples_before_backprop = 8
+    config.n_training_steps = 6 if quick else 60
+    config.n_epochs = 1
+    config.n_warmup_steps = 2 if quick else 6
+    config.peak_lr = 1e-3
+    config.min_lr = 1e-5
+    config.scheduler_type = "warmup_cosine"
+    config.seed = 42
+
+    config.log_interval = 1 if quick else 5
+    config.validate_interval = 3 if quick else 20
+    config.save_model_interval = 3 if quick else 20
+    config.keep_checkpoints = 2
+    config.compute_nstep_loss = -1
+    config.save_wandb = False
+    config.wandb_run_name = "demo_quick" if quick else "demo"
+    return config
+
+
+def demo_settings(arg=None):
+    """Demo-only settings (not training keys). ``eval_steps``: ODE grid points (the base
+    model always runs too)."""
+    quick = arg == "quick"
+    return dict(
+        n_train=2000,
+        n_test=300,
+        train_seed=1001,
+        test_seed=2002,
+        eval_limit=16 if quick else 64,    # first N of the n_test held-out problems (300: ~70 min)
+        eval_steps=(2, 8) if quick else (2, 4, 8, 16),
+        eval_batch_size=16 if quick else 64,
+        max_new_tokens=24 if quick else 28,
+        num_shots=2,
+        eval_seed=0,
+    )
