@@ -78,7 +78,7 @@ def state_shardings(state, mesh: Mesh, rules=RULES):
     """NamedShardings for an nnx.State (or abstract state), from each Variable's ``axes``."""
     def one(var):
         axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
-        value = var[...] if isinstance(var, nnx.Variable) else var
+        value = var.get_value() if isinstance(var, nnx.Variable) else var  # also ShapeDtypeStruct
         return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, getattr(value, "shape", None)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

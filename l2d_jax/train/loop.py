@@ -374,7 +374,7 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     """Runs (or resumes) training as described in the module doc. Returns a TrainResult."""
     from flax import nnx
 
-    from l2d_jax import config as config_lib, distributed, sharding as shd
+    from l2d_jax import config as config_lib, sharding as shd
     from l2d_jax.models.l2d import L2DModel
     from l2d_jax.nstep import FIXED_GRID, ODEOptions
     from l2d_jax.train import metrics as metrics_lib, optim, step as step_lib
@@ -438,7 +438,7 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     tokens_seen = 0
     if restored is not None:
         state, data_state, meta, at = restored
-        data.restore(distributed.host_state(data_state))  # each host its own data position
+        data.restore(data_state)
         tokens_seen = int(meta.get("tokens_seen", 0))
         log.info("resumed from %s/%d (epoch %d)", ckpts.dir, at, data.epoch)
     else:
@@ -552,9 +552,8 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
         nonlocal last_ckpt
         if not ckpts.enabled:
             return
-        data_state = distributed.gather_host_states(data.state())  # every host's data position
-        ckpts.save(n, state, data_state, {"step": n, "epoch": data.epoch, "tokens_seen": tokens_seen,
-                                          "mesh": dict(mesh.shape)}, wait=wait)
+        ckpts.save(n, state, data.state(), {"step": n, "epoch": data.epoch, "tokens_seen": tokens_seen,
+                                             "mesh": dict(mesh.shape)}, wait=wait)
         last_ckpt = n
 
     try:
@@ -603,8 +602,16 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
 
     # ---------------------------------------------------------------- export
     export_dir = None
-    if status == "completed" and main:
-        export_dir = _export(wd, trainer, state, frozen, hf_config, tokenizer, settings, cfg)
+    if status == "completed":
+        if jax.process_count() > 1:  # arrays sharded over hosts: every host gathers (collective)
+            from l2d_jax import distributed
+
+            state = state._replace(params=distributed.host_copy(state.params))
+            frozen = distributed.host_copy(frozen)
+        if main:
+            export_dir = _export(wd, trainer, state, frozen, hf_config, tokenizer, settings, cfg)
+        if jax.process_count() > 1:
+            distributed.sync("l2d_export")  # the others wait for process 0's export before exiting
     return TrainResult(status, step_no, wd, export_dir, last_ckpt)
 
 
