@@ -355,9 +355,6 @@ def _run_eval(args) -> int:
 SUBCOMMANDS.append(_add_eval)
 
 
-# --------------------------------------------------------------------------- entry point
-
-
 # --------------------------------------------------------------------------- generate
 
 
@@ -455,6 +452,9 @@ def _run_demo(args) -> int:
 
 
 SUBCOMMANDS.append(_add_demo)
+
+
+# --------------------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
