@@ -320,6 +320,19 @@ def _interpreter_binds(python: str) -> list[str]:
     return args
 
 
+
+def _result(rc: int, timed_out: bool, output: str, out_full: bool, duration: float, limits,
+            sandboxed: bool) -> dict:
+    """The ``execute`` record of a finished run (bwrap or the unsandboxed fallback)."""
+    if timed_out:
+        status, reason = "timeout", f"wall clock over {limits.timeout_s:g} s"
+    else:
+        status, reason = _status_from_rc(rc, sandboxed, output)
+        if status == "failed" and out_full:
+            status, reason = "error", "output over the file-size limit"
+    return {"status": status, "returncode": rc, "output_tail": output, "duration_s": round(duration, 4),
+            "reason": reason, "sandbox": "bwrap" if sandboxed else "none"}
+
 def _status_from_rc(rc: int, sandboxed: bool, output: str) -> tuple[str, str | None]:
     if rc == 0:
         return "passed", None
@@ -425,15 +438,7 @@ def _run_bwrap(program: str, limits: Limits, python: str, bwrap: str | None,
         if prog_fd >= 0:
             os.close(prog_fd)
         os.close(out_fd)
-    rc = proc.returncode
-    if timed_out:
-        status, reason = "timeout", f"wall clock over {limits.timeout_s:g} s"
-    else:
-        status, reason = _status_from_rc(rc, True, output)
-        if status == "failed" and out_full:
-            status, reason = "error", "output over the file-size limit"
-    return {"status": status, "returncode": rc, "output_tail": output,
-            "duration_s": round(duration, 4), "reason": reason, "sandbox": "bwrap"}
+    return _result(proc.returncode, timed_out, output, out_full, duration, limits, sandboxed=True)
 
 
 def _run_plain(program: str, limits: Limits, python: str, output_limit: int) -> dict:
@@ -462,12 +467,4 @@ def _run_plain(program: str, limits: Limits, python: str, output_limit: int) -> 
     finally:
         os.close(out_fd)
         shutil.rmtree(workdir, ignore_errors=True)
-    rc = proc.returncode
-    if timed_out:
-        status, reason = "timeout", f"wall clock over {limits.timeout_s:g} s"
-    else:
-        status, reason = _status_from_rc(rc, False, output)
-        if status == "failed" and out_full:
-            status, reason = "error", "output over the file-size limit"
-    return {"status": status, "returncode": rc, "output_tail": output,
-            "duration_s": round(duration, 4), "reason": reason, "sandbox": "none"}
+    return _result(proc.returncode, timed_out, output, out_full, duration, limits, sandboxed=False)
