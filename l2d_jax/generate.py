@@ -103,10 +103,26 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
     kv_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
     positions = positions_from_mask(mask)
     pre = base(ids, positions, cache=init_cache(base.cfg, b, s_len), cache_index=0, kv_valid=kv_valid)
-    table = model.flow_table() if is_l2d else None
     sigma = model.settings.noise_rescaling if is_l2d else 1.0
-    d = table.shape[-1] if is_l2d else 1
+    d = model.settings.flow_dim(base.cfg.hidden_size) if is_l2d else 1
     guided = is_l2d and model.settings.use_guidance and class_labels is not None
+    table, modulation_at = None, None
+    if is_l2d:
+        # once per call, and only when the ODE runs: Phi (V, D), and for fixed grids the
+        # modulations at every stage time (the same for every token)
+        tabulate = opts.ode.method in nstep_lib.FIXED_GRID and not guided
+        times = None
+        if tabulate:
+            times = solvers.stage_times(opts.ode.method, ode_steps, opts.ode.final_t, opts.max_ode_points)
+            times = jnp.append(times.ravel(), jnp.float32(opts.ode.final_t))
+
+        def tables():
+            return model.flow_table(), (model.flow_modulation(times[:, None]) if tabulate else None)
+
+        table, mods = jax.lax.cond(ode_steps >= 2, tables,
+                                   lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(tables)))
+        if tabulate:
+            modulation_at = nstep_lib.modulation_lookup(model, times, mods)
 
     def next_logits(c: _Carry):
         slot = p - 1 + c.i
@@ -120,7 +136,8 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
 
         def flow_logits(x, t, conditional):
             labels = class_labels if conditional else None
-            return model.flow_only(c.h_last, c.cache, x, t, pos, slot, c.kv_valid, labels)
+            mod = None if modulation_at is None else modulation_at(t, b, 1)
+            return model.flow_only(c.h_last, c.cache, x, t, pos, slot, c.kv_valid, labels, mod)
 
         def run_ode(_):
             if init_noise is None:

@@ -128,6 +128,27 @@ def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None]
     return f
 
 
+def modulation_lookup(model, times: jax.Array, table) -> Callable[[jax.Array, int, int], object]:
+    """``at(t, b, n)`` -> ``model.flow_modulation`` for a scalar t broadcast to (b, n), read
+    from ``table`` = ``model.flow_modulation(times[:, None])`` (computed once for the times
+    (K,)) when t is one of them, else computed.
+
+    Generation tabulates the fixed-grid stage times (``solvers.stage_times``): the per-layer
+    modulation heads then run once per call instead of once per velocity evaluation (for
+    SmolLM2 they are ~17 % of a flow evaluation's bytes). Unconditional only (no class
+    labels): with guidance labels the caller computes the modulation itself."""
+    def at(t: jax.Array, b: int, n: int):
+        hit = times == t
+
+        def row():
+            k = jnp.argmax(hit)
+            return jax.tree.map(lambda a: jnp.broadcast_to(a[k], (b, n, a.shape[-1])), table)
+
+        return jax.lax.cond(hit.any(), row, lambda: model.flow_modulation(jnp.full((b, n), t, jnp.float32)))
+
+    return at
+
+
 class NStepOutput(NamedTuple):
     trajectory: jax.Array | None  # (N or max_points, B, T, D) states at the grid points
     x: jax.Array  # (B, T, D) final state

@@ -49,8 +49,14 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k: int = 
     """Samples one token per row. logits (B, V), keys (B, 2); temperature <= 0 is greedy."""
     logits = logits.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-    scaled = filter_top_p(filter_top_k(scaled, top_k), top_p)
-    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def draw(_):
+        scaled = filter_top_k(logits / temperature, top_k)
+        # the nucleus filter sorts the vocabulary: only when it can change anything
+        scaled = jax.lax.cond(top_p < 1.0, lambda x: filter_top_p(x, top_p), lambda x: x, scaled)
+        return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
+
+    # temperature and top_p are run-time scalars: cond skips the path that is not taken
+    return jax.lax.cond(temperature > 0, draw,
+                        lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32), None)

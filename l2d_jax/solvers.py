@@ -150,6 +150,14 @@ def time_grid(num_points: int | jax.Array, final_t: float, max_points: int | Non
     return _schedule("euler", num_points, final_t, max_points)[0]
 
 
+def stage_times(method: str, num_points: int | jax.Array, final_t: float,
+                max_points: int | None = None) -> jax.Array:
+    """Every time at which ``integrate_fixed`` evaluates f on the N-point grid: (L-1, S)
+    float32, bit for bit what it passes (S stages per step, L = max_points or N; rows past
+    the grid hold final_t). Callers use it to tabulate what depends on t alone."""
+    return _schedule(_canonical_method(method), num_points, final_t, max_points)[1]
+
+
 def _cast(x: jax.Array, like: jax.Array) -> jax.Array:
     return x.astype(like.dtype)
 

@@ -101,3 +101,35 @@ def test_bad_step_counts_are_rejected(model):
         generate(model, ids, mask, ode_steps=1, opts=OPTS)
     with pytest.raises(ValueError, match="base model"):
         generate(model.base, ids, mask, ode_steps=4, opts=OPTS)
+
+
+def test_tabulated_modulations_equal_computed_ones(model):
+    """Generation reads the per-layer modulations at the fixed-grid stage times from a table
+    computed once; a time outside the table is computed. Both equal flow_modulation(t)."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2d_jax import solvers
+    from l2d_jax.nstep import modulation_lookup
+
+    times = solvers.stage_times("midpoint", 5, 1.0, max_points=8).ravel()
+    at = modulation_lookup(model, times, model.flow_modulation(times[:, None]))
+    for t in (times[3], times[6], jnp.float32(0.123)):
+        got, want = at(t, 2, 1), model.flow_modulation(jnp.full((2, 1), t))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.shape == w.shape == (2, 1, model.cfg.hidden_size)
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_sampler_skips_nothing_it_needs():
+    """temperature 0 is the argmax; top-p < 1 keeps only the nucleus; top-p 1 draws from all."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2d_jax.sampling import sample_tokens
+
+    logits = jnp.log(jnp.array([[0.05, 0.6, 0.3, 0.05]] * 256))
+    keys = jax.random.split(jax.random.PRNGKey(0), 256)
+    assert set(np.asarray(sample_tokens(logits, keys, 0.0)).tolist()) == {1}
+    assert set(np.asarray(sample_tokens(logits, keys, 1.0, top_p=0.8)).tolist()) == {1, 2}
+    assert set(np.asarray(sample_tokens(logits, keys, 1.0, top_p=1.0)).tolist()) == {0, 1, 2, 3}

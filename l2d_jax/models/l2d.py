@@ -165,6 +165,14 @@ class FlowPath(nnx.Module):
         self.final_head = _modulation_head(c, h, cfg, rngs)
 
 
+class FlowModulation(NamedTuple):
+    """Everything the flow stream takes from (t, class): per-layer modulations and the final
+    scale r; fields broadcast against (B, T, H)."""
+
+    layers: list[Modulation]
+    final: jax.Array
+
+
 class Conditioning(NamedTuple):
     """Conditioning vectors c_t and c_0 (B, T, C) in the compute dtype; c_0 None if unused."""
 
@@ -260,6 +268,13 @@ class L2DModel(nnx.Module):
         (rt,), r0 = self._chunks(self.flow.final_head, cond, 1)
         return rt if r0 is None else rt - r0[0]
 
+    def flow_modulation(self, t: jax.Array, class_labels: jax.Array | None = None) -> FlowModulation:
+        """Per-layer modulations and the final scale for per-token t (B, T) and class
+        labels (B, T) or None. Depends on nothing else, so generation can tabulate it."""
+        cond = self.conditioning(t, class_labels)
+        return FlowModulation([self.layer_modulation(i, cond) for i in range(self.cfg.num_layers)],
+                              self.final_scale(cond))
+
     # ------------------------------------------------------------------ flow stream
 
     def flow_input(self, x_t: jax.Array, t: jax.Array) -> jax.Array:
@@ -324,38 +339,35 @@ class L2DModel(nnx.Module):
         rope = base.rope(positions)
         cond = self.conditioning(t, class_labels)
         h, f = base.embed(input_ids), self.flow_input(x_t, t)
-        ks, vs = [], []
         for i, layer in enumerate(base.layers):
             mod = self.layer_modulation(i, cond)
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            h, k, v = layer(h, rope, mask, kv, cache_index, mod if s.modulate_hidden_states else None)
+            h, cache, k, v = layer(h, rope, mask, cache, i, cache_index,
+                                   mod if s.modulate_hidden_states else None)
             f = self.flow_layer(i, f, k, v, mask, rope, mod)
-            ks.append(k)
-            vs.append(v)
-        new_cache = None if cache is None else {"k": jnp.stack(ks), "v": jnp.stack(vs)}
         logits = base.head(h + self.final_scale(cond) * f)
-        return LLMOutput(logits, h, new_cache)
+        return LLMOutput(logits, h, cache)
 
     def flow_only(self, h_last: jax.Array, cache: dict, x_t: jax.Array, t: jax.Array | float,
                   positions: jax.Array, cache_index: jax.Array | int, kv_valid: jax.Array,
-                  class_labels: jax.Array | None = None) -> jax.Array:
+                  class_labels: jax.Array | None = None,
+                  modulation: FlowModulation | None = None) -> jax.Array:
         """Flow stream only, for T new positions whose main stream is already in the cache.
 
         h_last (B, T, H): cached main-stream h_L at those positions; cache: the main K/V
         (L, B, S, Hkv, hd); x_t (B, T, D); positions (B, T); cache_index: slot of the first
-        of them; kv_valid (B, S). Returns logits (B, T, V) float32.
+        of them; kv_valid (B, S); modulation: ``flow_modulation(t, class_labels)`` when the
+        caller already has it (then class_labels is unused). Returns logits (B, T, V) float32.
         """
         b, n, _ = x_t.shape
         t = broadcast_t(t, b, n)
-        class_labels = broadcast_labels(class_labels, b, n)
+        if modulation is None:
+            modulation = self.flow_modulation(t, broadcast_labels(class_labels, b, n))
         mask = self.base.mask(n, cache=cache, cache_index=cache_index, kv_valid=kv_valid)
         rope = self.base.rope(positions)
-        cond = self.conditioning(t, class_labels)
         f = self.flow_input(x_t, t)
         for i in range(self.cfg.num_layers):
-            f = self.flow_layer(i, f, cache["k"][i], cache["v"][i], mask, rope,
-                                self.layer_modulation(i, cond))
-        return self.base.head(h_last + self.final_scale(cond) * f)
+            f = self.flow_layer(i, f, cache["k"][i], cache["v"][i], mask, rope, modulation.layers[i])
+        return self.base.head(h_last + modulation.final * f)
 
 
 def broadcast_t(t, b: int, n: int) -> jax.Array:

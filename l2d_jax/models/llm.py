@@ -271,12 +271,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+                 cache: dict | None = None, layer: int = 0, cache_index: jax.Array | int = 0,
                  mod: Modulation | None = None):
-        """Main-stream step. h (B, T, H); kv: this layer's cache (B, S, Hkv, hd) x2 or None.
+        """Main-stream step of layer ``layer``. h (B, T, H); cache: the stacked KV cache
+        {"k", "v"} (L, B, S, Hkv, hd) or None.
 
-        Returns (h_out, k_all, v_all): the keys/values attended to (the updated cache, or this
-        call's own keys/values without a cache); the flow stream reads them.
+        The new keys/values are written into the cache's slots [cache_index, cache_index + T)
+        of this layer only (in place under jit). Returns (h_out, cache, k_all, v_all): k_all /
+        v_all are what was attended to (this layer's cache, or this call's own keys/values
+        without a cache); the flow stream reads them.
         """
         cfg, attn = self.cfg, self.self_attn
         b, t, _ = h.shape
@@ -286,15 +289,25 @@ class DecoderLayer(nnx.Module):
         k = attn.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = attn.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+        if cache is not None:
+            cache = write_kv(cache, layer, k, v, cache_index)
+            k, v = cache["k"][layer], cache["v"][layer]
         o = attn.o_proj(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask))
         h = h + _scale(o, None if mod is None else mod.scale1)
         x = self.post_attention_layernorm(h, None if mod is None else mod.norm2)
         x = _shift(x, None if mod is None else mod.shift2)
         m = swiglu(self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj, x)
-        return h + _scale(m, None if mod is None else mod.scale2), k, v
+        return h + _scale(m, None if mod is None else mod.scale2), cache, k, v
+
+
+def write_kv(cache: dict, layer: int, k: jax.Array, v: jax.Array, cache_index: jax.Array | int) -> dict:
+    """The stacked cache with layer ``layer``'s slots [cache_index, cache_index + T) set to
+    k / v (B, T, Hkv, hd); only those slots are written (no per-layer slice and re-stack)."""
+    def put(buf, x):
+        zero = jnp.zeros((), jnp.int32)
+        start = (jnp.int32(layer), zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype)[None], start)
+    return {"k": put(cache["k"], k), "v": put(cache["v"], v)}
 
 
 class LLMOutput(NamedTuple):
@@ -325,7 +338,9 @@ class LLM(nnx.Module):
         """Final norm and LM head in the compute dtype, logits cast to float32. h (B, T, H)."""
         x = self.norm(h)
         if self.lm_head is None:
-            logits = x @ self.embed_tokens[...].astype(x.dtype).T
+            # contract with the (V, H) table as stored: a `.T` here makes XLA materialise
+            # the transposed table inside generation's while loop on every step
+            logits = jnp.einsum("...h,vh->...v", x, self.embed_tokens[...].astype(x.dtype))
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)
@@ -351,14 +366,9 @@ class LLM(nnx.Module):
                          kv_valid=kv_valid)
         rope = self.rope(positions)
         h = self.embed(input_ids)
-        ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            h, k, v = layer(h, rope, mask, kv, cache_index)
-            ks.append(k)
-            vs.append(v)
-        new_cache = None if cache is None else {"k": jnp.stack(ks), "v": jnp.stack(vs)}
-        return LLMOutput(self.head(h), h, new_cache)
+            h, cache, _, _ = layer(h, rope, mask, cache, i, cache_index)
+        return LLMOutput(self.head(h), h, cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):
         """(B, T, S) attention mask shared by the main and the flow streams."""
