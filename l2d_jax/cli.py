@@ -193,6 +193,16 @@ SUBCOMMANDS.append(_add_bench)
 # --------------------------------------------------------------------------- train
 
 
+def _distributed_option(parser) -> None:
+    """``--distributed MODE``: the commands that run on several hosts at once (the same
+    command on each) call ``l2d_jax.distributed.initialize_from_env(args.distributed)`` first."""
+    from l2d_jax.distributed import MODES
+
+    parser.add_argument("--distributed", default=None, choices=MODES,
+                        help="multi-process start-up (l2d_jax/distributed.py; default: $L2D_DISTRIBUTED, "
+                             "else auto)")
+
+
 class _OverridesParser(argparse.ArgumentParser):
     """Collects ``--config.KEY=VALUE`` arguments into ``args.overrides`` (checked, with
     did-you-mean hints, by ``l2d_jax.config.load_config``) instead of rejecting them."""
@@ -216,8 +226,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="run directory (default: <save_dir>/<run name> from the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--distributed", default=None, choices=("auto", "tpu", "slurm", "explicit", "local", "none"),
-                   help="multi-process start-up (l2d_jax/distributed.py; default: $L2D_DISTRIBUTED, else auto)")
+    _distributed_option(p)
     p.set_defaults(func=_run_train, overrides=[])
 
 
@@ -308,7 +317,9 @@ def _add_eval(subparsers) -> None:
         description="Few-shot benchmark evaluation at several ODE step counts in one run; "
                     "resumable (a rerun with the same --out skips finished parts). Writes "
                     "results.json, results.md, accuracy_vs_steps.png and completions/*.jsonl. "
-                    "Overrides: --config.KEY=VALUE (e.g. --config.micro_batch_size=8).")
+                    "Overrides: --config.KEY=VALUE (e.g. --config.micro_batch_size=8). Several hosts: "
+                    "run the same command on each (see --distributed); each generates its share of "
+                    "the prompts, process 0 writes.")
     p.__class__ = _OverridesParser
     p.add_argument("--config", default=None, metavar="FILE",
                    help="configs/benchmark.py or configs/benchmark_code.py (required unless --rescore)")
@@ -325,12 +336,15 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--unsafe-no-sandbox", action="store_true",
                    help="code tasks: run generated code WITHOUT the sandbox")
     p.add_argument("--rescore", action="store_true",
-                   help="recompute the scores of --out from its completions (no model is loaded)")
+                   help="recompute the scores of --out from its completions (no model is loaded; one "
+                        "process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _distributed_option(p)
     p.set_defaults(func=_run_eval, overrides=[])
 
 
 def _run_eval(args) -> int:
+    from l2d_jax import distributed
     from l2d_jax.evaluation import runner
 
     if args.rescore:
@@ -340,13 +354,16 @@ def _run_eval(args) -> int:
     else:
         if not args.config:
             raise L2DError("--config FILE is required (configs/benchmark.py or configs/benchmark_code.py)")
-        cfg = runner.load_eval_config(args.config, args.overrides)
         if not args.ckpt:
             raise L2DError("--ckpt PATH is required (an L2D checkpoint, a training workdir or a base model)")
+        distributed.initialize_from_env(args.distributed)  # before anything asks JAX for devices
+        cfg = runner.load_eval_config(args.config, args.overrides)
         res = runner.run_from_config(cfg, args.ckpt, steps=args.steps, out_dir=args.out, limit=args.limit,
                                      tasks=args.tasks, batch_size=args.batch_size,
                                      allow_unsandboxed=True if args.unsafe_no_sandbox else None,
                                      progress=not args.no_progress)
+        if not distributed.is_main_process():
+            return 0
     print(runner.results_markdown(res))
     print(f"wrote {res.get('out_dir')}/results.json")
     return 0
@@ -363,7 +380,9 @@ def _add_generate(subparsers) -> None:
         "generate", help="generate text with a base model or an L2D model",
         description="Generate completions. MODEL: HF dir or hub id, .gguf file, converted checkpoint "
                     "(base or l2d) or a training workdir. Prompts are chat-formatted with the "
-                    "tokenizer's template unless --no-chat.")
+                    "tokenizer's template unless --no-chat. Several hosts: run the same command on "
+                    "each (see --distributed); each generates its share of the prompts, process 0 "
+                    "prints and writes.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
@@ -388,14 +407,17 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--no-chat", action="store_true", help="feed prompts as raw text")
     p.add_argument("--jsonl", default=None, metavar="PATH",
                    help="write records (prompt, completion, new_tokens, nfe_per_token, seconds) as JSONL")
+    _distributed_option(p)
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args) -> int:
     import json
 
+    from l2d_jax import distributed
     from l2d_jax.generate import generate_cli
 
+    distributed.initialize_from_env(args.distributed)  # before anything asks JAX for devices
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
@@ -406,6 +428,8 @@ def _run_generate(args) -> int:
                            x1_estimation=args.x1, guidance=args.guidance, class_label=args.class_label,
                            num_return_sequences=args.num_return_sequences, batch_size=args.batch_size,
                            seed=args.seed, dtype=args.dtype, system=args.system, chat=not args.no_chat)
+    if not distributed.is_main_process():
+        return 0
     if args.jsonl:
         with open(args.jsonl, "w", encoding="utf-8") as f:
             for r in records:

@@ -27,11 +27,13 @@ Host helpers: ``is_main_process``; ``global_batch_from_local`` (each host passes
 rows, ``jax.make_array_from_process_local_data`` assembles the global array; the training
 step does this in ``Trainer.shape_batch``); ``process_shard`` (this host's share of N work
 items, e.g. evaluation prompts) and ``gather_objects`` (everyone's results, in order,
-via ``multihost_utils.process_allgather``); ``host_copy`` (numpy copies of arrays sharded over
-hosts, for process 0 to write an export); ``gather_host_states`` / ``host_state`` (per-host
-JSON state such as the data position, through a checkpoint that process 0 writes). Arrays
-in checkpoints need nothing here: every process calls orbax's save/restore and orbax writes
-each shard once.
+via ``multihost_utils.process_allgather``), as evaluation and ``l2d-jax generate`` use them
+(each process its share of the prompts on its own devices); ``on_main`` (a value process 0
+computes, e.g. from files only it writes, shared with every process); ``host_copy`` (numpy
+copies of arrays sharded over hosts, for process 0 to write an export);
+``gather_host_states`` / ``host_state`` (per-host JSON state such as the data position,
+through a checkpoint that process 0 writes). Arrays in checkpoints need nothing here: every
+process calls orbax's save/restore and orbax writes each shard once.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from l2d_jax.errors import L2DError
 
@@ -267,10 +269,12 @@ def process_shard(n_items: int, process_index: int | None = None, process_count:
     return range(start, start + base + (1 if i < extra else 0))
 
 
-def gather_objects(local: Sequence[Any]) -> list:
+def gather_objects(local: Sequence[Any], default: Callable[[Any], Any] | None = None) -> list:
     """Every host's list of JSON-serialisable results, concatenated in process order (with
     ``process_shard``: the original item order). Collective: every process must call it;
-    every process gets the full list (process 0 usually writes it)."""
+    every process gets the full list (process 0 usually writes it). ``default``: as
+    ``json.dumps``'s, for values JSON cannot write (e.g. numpy scalars). With one process:
+    the list itself, not a JSON copy."""
     import jax
     import numpy as np
 
@@ -279,7 +283,7 @@ def gather_objects(local: Sequence[Any]) -> list:
         return local
     from jax.experimental import multihost_utils
 
-    blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    blob = np.frombuffer(json.dumps(local, default=default).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([blob.size], np.int64))).reshape(-1)
     padded = np.zeros((int(sizes.max()),), np.uint8)
     padded[:blob.size] = blob
@@ -288,6 +292,32 @@ def gather_objects(local: Sequence[Any]) -> list:
     for row, size in zip(everyone, sizes):
         out.extend(json.loads(bytes(row[:int(size)]).decode()))
     return out
+
+
+def on_main(fn: Callable[[], Any], default: Callable[[Any], Any] | None = None) -> Any:
+    """``fn()`` run on process 0 only; every process returns its (JSON) result. Collective.
+    For decisions all processes must share (what is already done) and files only process 0
+    reads or writes. An exception in ``fn`` is raised on every process (process 0: itself,
+    the others: a DistributedError with its message), so none is left waiting in a later
+    collective. ``default`` as in ``gather_objects``. With one process: ``fn()`` itself."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    main = jax.process_index() == 0
+    value, error = None, None
+    if main:
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the others know
+            error = e
+    mine = {"value": value, "error": None if error is None else f"{type(error).__name__}: {error}"}
+    shared = gather_objects([mine] if main else [], default)[0]
+    if error is not None:
+        raise error
+    if shared["error"] is not None:
+        raise DistributedError(f"process 0 failed: {shared['error']}")
+    return shared["value"]
 
 
 def host_copy(tree):

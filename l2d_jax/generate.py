@@ -248,14 +248,22 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, system: str
 
 def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, system: str | None = None,
                   batch_size: int = 8, **kwargs) -> list[dict]:
-    """Generates completions for text prompts in batches of ``batch_size`` (the last batch is
-    padded with a copy of its first prompt so every batch has the same shape).
+    """Generates completions for text prompts in batches of min(batch_size, number of
+    prompts) rows, all left-padded to the bucket length of the longest prompt (a batch short
+    of prompts is filled with copies of its first prompt, so every batch has the same shape).
 
     Returns one record per prompt and return sequence: prompt, completion, new_tokens,
     nfe_per_token, seconds (wall time of its batch, shared by its rows). kwargs go to
     ``generate`` (ode_steps, sampler, opts, key, num_return_sequences, ...).
+
+    Several processes (``jax.process_count() > 1``): collective; each process generates its
+    contiguous share of the prompts (``l2d_jax.distributed.process_shard``) on its own
+    devices, and every process returns all records in prompt order (``gather_objects``).
+    The batch shape does not depend on the process count, nor do the rows' keys.
     """
     import time
+
+    from l2d_jax.distributed import gather_objects, process_shard
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
@@ -263,12 +271,13 @@ def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, sy
     n_ret = kwargs.get("num_return_sequences", 1)
     encoded = encode_prompts(tokenizer, prompts, chat=chat, system=system)
     length = bucket_length(max(len(e) for e in encoded))
+    rows = min(batch_size, len(encoded))
+    mine = process_shard(len(encoded))
     records = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = encoded[start:start + batch_size]
+    for start in range(mine.start, mine.stop, batch_size):
+        chunk = encoded[start:min(start + batch_size, mine.stop)]
         real = len(chunk)
-        chunk = chunk + [chunk[0]] * (batch_size - real) if len(encoded) > batch_size else chunk
-        ids, mask = left_pad(chunk, pad, length)
+        ids, mask = left_pad(chunk + [chunk[0]] * (rows - real), pad, length)
         t0 = time.perf_counter()
         out = generate(model, ids, mask, **kwargs)
         tokens = np.asarray(out.tokens)
@@ -279,7 +288,7 @@ def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, sy
             records.append(dict(prompt=prompts[start + r // n_ret],
                                 completion=tokenizer.decode(new, skip_special_tokens=True),
                                 new_tokens=int(lengths[r]), nfe_per_token=float(nfe[r]), seconds=seconds))
-    return records
+    return gather_objects(records)
 
 
 def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = None, solver: str = "midpoint",
@@ -288,7 +297,9 @@ def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = Non
                  guidance: float | None = None, class_label: int | None = None,
                  num_return_sequences: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", system: str | None = None, chat: bool = True) -> list[dict]:
-    """What ``l2d-jax generate`` does: load any model source, then ``generate_text``."""
+    """What ``l2d-jax generate`` does: load any model source, then ``generate_text`` (with
+    several processes: every process loads the model, generates its share of the prompts and
+    returns all records)."""
     from l2d_jax.convert.loading import load_any
     from l2d_jax.errors import L2DError
 

@@ -103,6 +103,7 @@ def test_single_process_helpers():
     assert distributed.initialize("none").mode == "none"
     assert distributed.is_main_process()
     assert distributed.gather_objects([1, {"a": 2}]) == [1, {"a": 2}]
+    assert distributed.on_main(lambda: (1, 2)) == (1, 2)  # one process: fn() itself
     mesh = shd.make_mesh(-1, 1, 1, devices=jax.devices()[:1])
     g = distributed.global_batch_from_local({"x": np.arange(6).reshape(2, 3)}, mesh)
     assert g["x"].shape == (2, 3) and np.array_equal(np.asarray(g["x"]), np.arange(6).reshape(2, 3))
@@ -127,8 +128,9 @@ def _env(devices: int, cache: Path) -> dict:
     return env
 
 
-def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *args], cwd=REPO, env=env,
+def _start(args: list[str], env: dict, log: Path, script: str = __file__) -> subprocess.Popen:
+    """``python SCRIPT ARGS`` (by default this file's worker), its output appended to ``log``."""
+    return subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
@@ -156,7 +158,7 @@ def _dist_env(base: dict, pid: int, n: int, port: int) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_helpers(tmp_path):
-    """process_shard + gather_objects + global_batch_from_local across 2 real processes."""
+    """process_shard + gather_objects + on_main + global_batch_from_local across 2 real processes."""
     env = _env(1, tmp_path / "cache")
     port = _free_port()
     logs = [tmp_path / f"helpers{i}.log" for i in range(2)]
@@ -167,6 +169,9 @@ def test_two_processes_helpers(tmp_path):
         assert out["gathered"] == [{"item": k, "by": 0 if k < 4 else 1} for k in range(7)]
         assert out["global_sum"] == 6 and out["global_shape"] == [4, 3]
         assert out["main"] == (i == 0) and out["process_count"] == 2
+        assert out["on_main"] == {"from": 0, "x": 0.5}
+        assert out["error"] == ("ZeroDivisionError" if i == 0 else "DistributedError: process 0 failed: "
+                                "ZeroDivisionError: division by zero")
 
 
 @pytest.mark.slow
@@ -318,12 +323,18 @@ def _helpers(out_dir: Path) -> int:
     me = jax.process_index()
     mine = [{"item": k, "by": me} for k in distributed.process_shard(7)]
     gathered = distributed.gather_objects(mine)
+    shared = distributed.on_main(lambda: {"from": me, "x": np.float32(0.5)}, default=float)
+    try:
+        distributed.on_main(lambda: 1 / 0)
+    except Exception as e:  # noqa: BLE001 - the test looks at what each process got
+        error = type(e).__name__ + (f": {e}" if me else "")
     mesh = shd.make_mesh(-1, 1, 1)
     g = distributed.global_batch_from_local(np.full((2, 3), me, np.int32), mesh)
     total = int(jax.jit(lambda x: x.sum())(g))
     (out_dir / f"helpers{me}.json").write_text(json.dumps(
-        {"gathered": gathered, "global_sum": total, "global_shape": list(g.shape),
-         "main": distributed.is_main_process(), "process_count": jax.process_count()}))
+        {"gathered": gathered, "on_main": shared, "error": error, "global_sum": total,
+         "global_shape": list(g.shape), "main": distributed.is_main_process(),
+         "process_count": jax.process_count()}))
     distributed.sync("helpers done")
     return 0
 

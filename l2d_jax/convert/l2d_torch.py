@@ -420,7 +420,7 @@ def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: s
     settings = settings_from_constructor_dict(manifest["l2d_settings"])
     graphdef, state = nnx.split(abstract_l2d(cfg, settings))
     pure = nnx.to_pure_dict(state)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     for part in ("base", "flow"):
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), pure[part])
         pure[part] = checkpoint.restore_params(ckpt_dir, part, target)

@@ -2,8 +2,8 @@
 
 ``evaluate(model, tokenizer, tasks, steps, out_dir=...)`` renders every task's few-shot
 chat prompts once, then for each (task, step count) generates with ``l2d_jax.generate``
-(batched, jitted, the batch sharded over ``jax.devices()``), scores each completion with
-the task, and writes, as soon as that (task, step) finishes:
+(batched, jitted, the batch sharded over the process's devices), scores each completion
+with the task, and writes, as soon as that (task, step) finishes:
 
 - ``DIR/completions/<task>_<step>.jsonl``: one row per completion (id, sample, prompt,
   completion, extracted, correct, formatted, nfe, new_tokens, reference, meta, score),
@@ -37,10 +37,21 @@ shared across step counts: each (task, step) re-runs it (a small cost next to de
 Randomness: the key of a task is ``task_key(seed, task)``; row r of example i uses sample
 index ``i * num_samples + j``, so a completion depends on (seed, task, example, sample,
 step) only, not on the batch it ran in; hence resuming and re-batching give the same text.
+
+Several processes (``jax.process_count() > 1``, after ``l2d_jax.distributed.initialize``;
+every process runs the same ``evaluate`` call): each process uses only its own devices
+(``_prepare_mesh``) and, for each (task, step), generates and scores its contiguous share
+(``process_shard``) of the prompts still pending; the rows are exchanged after every batch
+(``gather_objects``) and only process 0 writes files. Process 0 alone reads ``out_dir``
+(the run-file check, the rows already done) and shares what it found (``on_main``), so
+every process agrees on the pending prompts and ``out_dir`` need only be on process 0's
+storage. Example indices (hence sample indices and keys) are global: the files are those
+of a one-process run, and a run may resume with another process count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -307,7 +318,7 @@ def _decode(tokenizer, tokens: Sequence[int], stop_ids: tuple[int, ...]) -> str:
 
 
 def _generate_batches(g: _Gen, task, prompts: list[Prompt], ode_steps: int, guidance: float | None,
-                      opts, key, num_samples: int, on_batch, progress_bar=None) -> None:
+                      opts, key, num_samples: int, on_batch) -> None:
     """Generates every prompt's ``num_samples`` completions, batch by batch (longest prompts
     first), calling ``on_batch(list of (prompt, sample, completion, nfe, new_tokens))``."""
     import jax
@@ -352,8 +363,6 @@ def _generate_batches(g: _Gen, task, prompts: list[Prompt], ode_steps: int, guid
                 results.append((chunk[i], j, _decode(g.tokenizer, new, g.stop_ids), float(nfe[r]),
                                 int(lengths[r])))
         on_batch(results)
-        if progress_bar is not None:
-            progress_bar.update(real)
 
 
 # =========================================================================== evaluate
@@ -409,11 +418,14 @@ def default_ode(model, **overrides):
 
 
 def _prepare_mesh(model, data_parallel: bool):
-    """(mesh or None, device count): with several devices, a data-only mesh and the model's
-    parameters replicated over it (unless they are already spread over several devices)."""
+    """(mesh or None, device count): with several devices of THIS process, a data-only mesh
+    over them and the model's parameters replicated over it (unless they are already spread
+    over several devices). With several processes each has its own mesh: they generate
+    different prompts, and nothing crosses hosts but the finished rows."""
     import jax
 
-    n = jax.device_count()
+    devices = jax.local_devices()
+    n = len(devices)
     if not data_parallel or n <= 1:
         return None, 1
     from flax import nnx
@@ -421,7 +433,7 @@ def _prepare_mesh(model, data_parallel: bool):
 
     from l2d_jax.sharding import make_mesh
 
-    mesh = make_mesh(data=-1)
+    mesh = make_mesh(data=-1, devices=devices)
     state = nnx.state(model)
     leaves = jax.tree.leaves(state)
     spread = any(len(getattr(x, "sharding", None).device_set) > 1 for x in leaves
@@ -449,7 +461,7 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
     model: an ``L2DModel`` or a base ``LLM`` (then only the step "base"/0 is allowed).
     tasks: names (``get_task(name, limit=limit, **task_options[name])``) or Task objects.
     steps: "base"/0 and/or grid-point counts >= 2. batch_size: prompts per generate call
-    (rounded up to a multiple of the device count; rows = prompts x samples). ode: an
+    of a process (rounded up to a multiple of its device count; rows = prompts x samples). ode: an
     ``ODEOptions`` (default :func:`default_ode`: midpoint, sampled x1 at temperature 0);
     code tasks use ``code_ode_temperature`` instead (the original: ``polynomial_1_1.0``).
     sampler: next-token ``Sampler`` (default temperature 1.0, no top-k / top-p).
@@ -463,7 +475,11 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
     (the tokenizer's). stop_ids: extra token ids that end a completion (besides EOS).
     allow_unsandboxed: let code tasks run generated code without the sandbox. run_info:
     recorded in ``run.json`` (its "model" entry is part of the resume check).
+
+    Several processes: every one calls this with the same arguments (collective; see the
+    module docstring) and gets the results; only process 0 writes.
     """
+    from l2d_jax import distributed
     from l2d_jax.generate import GenerateOptions, _generate_jit
     from l2d_jax.sampling import Sampler
 
@@ -511,7 +527,7 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
         "batch_size": batch_size, "limit": limit, "run_info": run_info or {},
         "task_sources": {t.name: t.source for t in task_objs},
     }
-    _check_run_file(out, config)
+    distributed.on_main(lambda: _check_run_file(out, config))
 
     mesh, n_dev = _prepare_mesh(model, data_parallel)
     bs = -(-max(1, int(batch_size)) // n_dev) * n_dev
@@ -542,8 +558,9 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
                                                max_seq_len=max_seq_len)
             _run_one(gen, task, label, ode_steps, weight, prompts, skipped, opts, tkey, n_samples,
                      out, progress)
-            write_results(out, plot=plot)
-    results = write_results(out, plot=plot)
+            if distributed.is_main_process():
+                write_results(out, plot=plot)
+    results = distributed.on_main(lambda: write_results(out, plot=plot), default=_jsonable)
     results["compiles"] = _generate_jit._cache_size() - compiles_before
     return results
 
@@ -563,32 +580,61 @@ def _check_run_file(out: Path, config: dict) -> None:
 
 def _run_one(gen: _Gen, task, label: str, ode_steps: int, weight, prompts: list[Prompt], skipped: int,
              opts, key, n_samples: int, out: Path, progress: bool) -> None:
+    """Generates and scores the rows of one (task, step) that its completions file lacks, then
+    writes that file (example order) and the part. Several processes: process 0 reads the
+    file and names the pending prompts; each process generates and scores its contiguous
+    share of them (``process_shard``); after every batch the processes exchange their new rows
+    (``_share_rows``) and process 0 appends them, so an interrupted run resumes from the rows
+    written. Only process 0 writes."""
+    from l2d_jax import distributed
+
     path = completions_path(out, task.name, label)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(path)
-    pending = [p for p in prompts if any((str(p.example.id), j) not in rows for j in range(n_samples))]
+    main = distributed.is_main_process()
+    rows: dict[tuple[str, int], dict] = {}
+
+    def pending_indices() -> list[int]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.update(read_rows(path))
+        return [i for i, p in enumerate(prompts)
+                if any((str(p.example.id), j) not in rows for j in range(n_samples))]
+
+    pending = [prompts[i] for i in distributed.on_main(pending_indices)]
     seconds = 0.0
     if pending:
         bar = None
-        if progress:
+        if progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(pending), desc=f"{task.name} {label}", unit="ex", file=sys.stderr,
                        leave=True, dynamic_ncols=True)
-        with open(path, "a", encoding="utf-8") as f:
-            def on_batch(items):
-                scores = task.score_many([(p.example, c) for p, _, c, _, _ in items])
-                for (p, j, completion, nfe, n_tok), s in zip(items, scores):
-                    row = _row(p, j, completion, nfe, n_tok, s)
-                    rows[(row["id"], j)] = row
+        with (open(path, "a", encoding="utf-8") if main else contextlib.nullcontext()) as f:
+            def keep(new_rows: list[dict]) -> None:  # process 0: every process's new rows
+                if f is None:
+                    return
+                for row in new_rows:
+                    rows[(row["id"], row["sample"])] = row
                     f.write(json.dumps(row, default=_jsonable) + "\n")
                 f.flush()
+                if bar is not None:
+                    bar.update(len(new_rows) // n_samples)
+
+            def on_batch(items):
+                scores = task.score_many([(p.example, c) for p, _, c, _, _ in items])
+                keep(_share_rows([_row(p, j, c, nfe, n_tok, s)
+                                  for (p, j, c, nfe, n_tok), s in zip(items, scores)], False)[0])
 
             t0 = time.perf_counter()
-            _generate_batches(gen, task, pending, ode_steps, weight, opts, key, n_samples, on_batch, bar)
+            mine = [pending[i] for i in distributed.process_shard(len(pending))]
+            _generate_batches(gen, task, mine, ode_steps, weight, opts, key, n_samples, on_batch)
+            done = False
+            while not done:  # the other processes' last batches
+                new_rows, done = _share_rows([], True)
+                keep(new_rows)
             seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+    if not main:
+        return
     # rewrite in example order (only the rows of this run's examples are summarised)
     ordered = [rows[(str(p.example.id), j)] for p in prompts for j in range(n_samples)]
     extra = [r for k, r in rows.items() if k[0] not in {str(p.example.id) for p in prompts}]
@@ -610,6 +656,16 @@ def _run_one(gen: _Gen, task, label: str, ode_steps: int, weight, prompts: list[
     entry["ids"] = [str(p.example.id) for p in prompts]
     entry["task"], entry["step"] = task.name, label
     _write_json(old, entry)
+
+
+def _share_rows(local: list[dict], done: bool) -> tuple[list[dict], bool]:
+    """(every process's new rows in process order, whether every process has finished its
+    share). Collective: each process calls it once per batch with ``done`` False, then with
+    no rows and ``done`` True until every process is done. One process: its own rows."""
+    from l2d_jax.distributed import gather_objects
+
+    got = gather_objects([{"rows": local, "done": done}], default=_jsonable)
+    return [r for g in got for r in g["rows"]], all(g["done"] for g in got)
 
 
 def _row(p: Prompt, sample: int, completion: str, nfe: float, n_tok: int, score: dict) -> dict:
@@ -883,7 +939,8 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
     """What ``l2d-jax eval`` does: load ``ckpt``, build the tasks and settings from ``cfg``
     (``configs/benchmark.py`` keys), run :func:`evaluate`. Arguments given here override the
     config's. A base model with steps other than 0 is rejected before anything is loaded
-    when the checkpoint kind can be told from its files."""
+    when the checkpoint kind can be told from its files. Several processes: each loads the
+    model onto its own devices and calls :func:`evaluate` (collective)."""
     from l2d_jax.sampling import Sampler
 
     steps = parse_steps(steps if steps is not None else cfg.get("steps", "0,8"))
