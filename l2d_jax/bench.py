@@ -16,8 +16,9 @@ Timing: the first call of each program (compilation, plus one run) is reported a
 batch round-robin, one run each per round, so that load from other processes on a shared
 host hits every point alike). ``tokens_per_s`` counts every generated
 token of every row per second of the whole call (prefill included);
-``decode_tokens_per_s`` and ``ms_per_token`` leave out the prefill (timed on its own:
-prompt forward into the cache plus the flow table Phi, as in ``generate``).
+``decode_tokens_per_s`` and ``ms_per_token`` leave out the prefill (``generate.prefill``,
+timed on its own and shared by the timed decoding runs; Phi is computed in the decoding
+program, once per call).
 ``ms_per_token`` is the wall time of one decoding step (one token for every row).
 ``cpu_per_wall`` (process CPU seconds per wall second of the timed runs) shows how many
 cores a run actually got: on a shared CPU host a low value means that other processes
@@ -37,11 +38,13 @@ the fixed-size cache that attention reads at every step):
   (V x H; the embedding table when tied) + B*H (embedding rows) + B * KV(context)``,
   ``KV(S) = L * 2 * S * Hkv * hd * itemsize``.
 - flow evaluation (``L2DModel.flow_only`` for one position plus the x1 estimate):
-  ``timestep MLP + flow_to_lm + final modulation head + sum over layers (modulation head
-  (C x C, C x 6H or 2H, biases) + the two base norms + the base projections the flow
-  stream reuses (q, o, gate, up, down; NOT k, v) + its own LoRA factors or full copies)
-  + final norm + LM head + what it reads of Phi (one row of D floats per row for sample /
-  argmax x1, the whole V x D table for "average") + B * KV(context)``.
+  ``flow_to_lm + one row of the modulation table (per layer 6H or 2H, plus H for the final
+  scale: fixed-grid generation tabulates the modulations at the stage times once per call,
+  so the timestep MLP and modulation heads are not read per evaluation) + sum over layers
+  (the two base norms + the base projections the flow stream reuses (q, o, gate, up,
+  down; NOT k, v) + its own LoRA factors or full copies) + final norm + LM head + what it
+  reads of Phi (one row of D floats per row for sample / argmax x1, the whole V x D table
+  for "average") + B * KV(context)``.
 - ``ideal_cost_ratio = (main + NFE * flow + flow) / main`` at batch 1 (the last ``flow``
   is the final evaluation at t_final that gives the token's logits; ``ode_steps = 0`` -> 1).
   An ideal L2D step could skip the main step's LM head; we keep it, as ``generate`` does.
@@ -281,9 +284,8 @@ def byte_counts(model, context: int, batch: int = 1, x1_estimation: str = "sampl
     if not hasattr(model, "flow"):
         return out
     flow, s = model.flow, model.settings
-    reused, own, mods = 0, 0, 0
+    reused, own = 0, 0
     for bl, fl in zip(base.layers, flow.layers):
-        mods += _nb(fl.modulation)
         reused += _nb(bl.input_layernorm.weight, bl.post_attention_layernorm.weight)
         for name in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             proj = getattr(fl, name)
@@ -297,11 +299,10 @@ def byte_counts(model, context: int, batch: int = 1, x1_estimation: str = "sampl
                 own += _nb(proj)
     d = s.flow_dim(cfg.hidden_size)
     table = (cfg.vocab_size if x1_estimation == "average" else batch) * d * 4
+    chunks = 6 if s.full_dit_modulation else 2
     fparts = {
-        "timestep_mlp": _nb(flow.timestep_embedder),
         "flow_to_lm": _nb(flow.flow_to_lm),
-        "final_modulation_head": _nb(flow.final_head),
-        "modulation_heads": mods,
+        "modulation_table_row": (cfg.num_layers * chunks + 1) * cfg.hidden_size * act,
         "reused_base_projections": reused,
         "flow_projections": own,
         "lm_head": head,
@@ -402,34 +403,9 @@ class _StepPrograms:
 
 
 def _generate_cache_size() -> int:
-    from l2d_jax.generate import _generate_jit
+    from l2d_jax.generate import compiled_programs
 
-    try:
-        return _generate_jit._cache_size()
-    except AttributeError:  # a private API of jax.jit; without it compiles are not counted
-        return 0
-
-
-def _prefill_program(model, batch: int, prompt_len: int, new_tokens: int):
-    """Jitted prefill as ``generate`` does it: prompt into the cache (+ Phi for L2D)."""
-    from flax import nnx
-
-    from l2d_jax.models.llm import init_cache, positions_from_mask
-
-    graphdef, state = nnx.split(model)
-    is_l2d = hasattr(model, "flow")
-
-    @jax.jit
-    def prefill(state, ids, mask):
-        m = nnx.merge(graphdef, state)
-        base = m.base if is_l2d else m
-        kv_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, new_tokens), bool)], axis=1)
-        out = base(ids, positions_from_mask(mask), cache=init_cache(base.cfg, batch, prompt_len + new_tokens),
-                   cache_index=0, kv_valid=kv_valid)
-        res = (out.cache, out.hidden[:, -1:])
-        return res + (m.flow_table(),) if is_l2d else res
-
-    return lambda ids, mask: prefill(state, ids, mask)
+    return compiled_programs()
 
 
 def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: int = 32,
@@ -444,7 +420,7 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
     Extra repeats of a point stop once ``max_seconds_per_point`` have been spent.
     ``on_update(report)`` is called with the report so far after every measured point.
     """
-    from l2d_jax.generate import GenerateOptions, generate, left_pad
+    from l2d_jax.generate import GenerateOptions, generate, left_pad, prefill
     from l2d_jax.nstep import ODEOptions
     from l2d_jax.sampling import Sampler
 
@@ -483,8 +459,8 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
                 **info, "results": list(results), "original_torch_cpu": original}
 
     def point_record(b, i, n, times, recompiles, prefill_s, first_s, compiles_first, counts):
-        total = _median(times)
-        decode = max(total - prefill_s, 1e-9)
+        decode = _median(times)  # the runs decode from a shared prefill
+        total = decode + prefill_s
         nfe = nfe_per_token(solver, n)
         per_step_bytes = counts["main_step"] + ((nfe + 1) * counts["flow_eval"] if nfe else 0)
         rec = {
@@ -519,13 +495,13 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
         for b in batches:
             prompts = random_prompts(b, prompt_len, cfg.vocab_size, seed=b)
             ids, mask = left_pad([list(map(int, r)) for r in prompts], pad_id=0, length=prompt_len)
-            prefill = _prefill_program(model, b, prompt_len, new_tokens)
-            jax.block_until_ready(prefill(ids, mask))
-            prefill_s = _median(_timed(lambda: jax.block_until_ready(prefill(ids, mask)), max(3, repeats)))
+            pre = jax.block_until_ready(prefill(model, ids, mask, new_tokens))
+            prefill_s = _median(_timed(lambda: jax.block_until_ready(prefill(model, ids, mask, new_tokens)),
+                                       max(3, repeats)))
             counts = byte_counts(model, context, b, x1_mode)
 
-            def run(n):
-                out = generate(model, ids, mask, ode_steps=n, sampler=Sampler(0.0), opts=opts)
+            def run(n):  # decoding only: the prompts' prefill is shared (timed above)
+                out = generate(model, ids, mask, ode_steps=n, sampler=Sampler(0.0), opts=opts, prefilled=pre)
                 jax.block_until_ready(out.tokens)
                 return out
 

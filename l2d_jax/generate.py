@@ -1,4 +1,6 @@
-"""Jitted generation: prefill, then ONE ``lax.while_loop`` over new tokens.
+"""Jitted generation: prefill (one program), then ONE ``lax.while_loop`` over new tokens
+(another program). ``prefill`` may be shared by several ``generate`` calls on the same prompts
+(e.g. an evaluation's step counts).
 
 Per new token (spec sections 8 and 10): fresh noise x_0 = sigma * eps for the newest
 position, the ODE from t = 0 to t_final with ``L2DModel.flow_only`` velocities that read the
@@ -92,17 +94,40 @@ class _Carry(NamedTuple):
     logits: jax.Array | None
 
 
-def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, ode_temperature,
-              guidance, class_labels, init_noise, eos_id, opts: GenerateOptions):
+class Prefilled(NamedTuple):
+    """The prompts' main path in the cache, ready to decode ``max_new_tokens`` more. Built by
+    ``prefill`` once and reusable by any number of ``generate`` calls (step counts, guidance
+    weights, samplers): decoding never writes into it."""
+
+    cache: dict  # {"k", "v"} (L, B, P + N, Hkv, hd)
+    kv_valid: jax.Array  # (B, P + N) bool: real prompt tokens (new slots start False)
+    h_last: jax.Array  # (B, 1, H) main-stream h_L of the last prompt position
+    position: jax.Array  # (B,) RoPE position of the last prompt token
+
+
+def _prefill(graphdef, state, ids, mask, n_new: int, repeats: int) -> Prefilled:
+    model = nnx.merge(graphdef, state)
+    base = model if isinstance(model, LLM) else model.base
+    b, p = ids.shape
+    kv_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
+    positions = positions_from_mask(mask)
+    pre = base(ids, positions, cache=init_cache(base.cfg, b, p + n_new), cache_index=0, kv_valid=kv_valid)
+    out = Prefilled(pre.cache, kv_valid, pre.hidden[:, -1:], positions[:, -1])
+    if repeats == 1:
+        return out
+    # samples of one prompt share its prefill: rows repeated after the forward, not before
+    return Prefilled({k: jnp.repeat(c, repeats, axis=1) for k, c in out.cache.items()},
+                     *(jnp.repeat(a, repeats, axis=0) for a in out[1:]))
+
+
+def _decode(graphdef, state, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temperature,
+            guidance, class_labels, init_noise, eos_id, opts: GenerateOptions) -> GenerateOutput:
     model = nnx.merge(graphdef, state)
     is_l2d = not isinstance(model, LLM)
     base = model.base if is_l2d else model
-    b, p = ids.shape
+    b = pre.kv_valid.shape[0]
     n_new = opts.max_new_tokens
-    s_len = p + n_new
-    kv_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
-    positions = positions_from_mask(mask)
-    pre = base(ids, positions, cache=init_cache(base.cfg, b, s_len), cache_index=0, kv_valid=kv_valid)
+    p = pre.kv_valid.shape[1] - n_new
     sigma = model.settings.noise_rescaling if is_l2d else 1.0
     d = model.settings.flow_dim(base.cfg.hidden_size) if is_l2d else 1
     guided = is_l2d and model.settings.use_guidance and class_labels is not None
@@ -177,7 +202,7 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
         return (c.i < n_new) & ~jnp.all(c.done)
 
     v = base.cfg.vocab_size
-    init = _Carry(jnp.int32(0), pre.cache, kv_valid, pre.hidden[:, -1:], positions[:, -1],
+    init = _Carry(jnp.int32(0), pre.cache, pre.kv_valid, pre.h_last, pre.position,
                   jnp.full((b, n_new), eos_id, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
                   jnp.zeros((b, n_new, v), jnp.float32) if opts.return_logits else None)
     out = jax.lax.while_loop(cond, body, init)
@@ -188,13 +213,32 @@ def _generate(graphdef, state, ids, mask, sample_ids, key, ode_steps, sampler, o
     return GenerateOutput(out.tokens, lengths, nfe, out.logits)
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "opts"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "n_new", "repeats"))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "opts"))
+
+
+def compiled_programs() -> int:
+    """How many generation programs (prefill + decode) have been compiled in this process."""
+    try:
+        return _prefill_jit._cache_size() + _decode_jit._cache_size()
+    except AttributeError:  # a private API of jax.jit; without it compiles are not counted
+        return 0
+
+
+def prefill(model, ids, mask, max_new_tokens: int, num_return_sequences: int = 1) -> Prefilled:
+    """The main path of left-padded prompts ids/mask (B, P) into a cache with room for
+    ``max_new_tokens`` (``opts.max_new_tokens`` of the ``generate`` calls that reuse it);
+    with ``num_return_sequences`` > 1 each prompt's rows are repeated (B * n rows)."""
+    graphdef, state = nnx.split(model)
+    return _prefill_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                        int(max_new_tokens), int(num_return_sequences))
 
 
 def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler = Sampler(0.0),
              ode_temperature: float | None = None, guidance: float | None = None,
              class_labels=None, init_noise=None, eos_id: int = -1, sample_ids=None,
-             num_return_sequences: int = 1, opts: GenerateOptions = GenerateOptions()) -> GenerateOutput:
+             num_return_sequences: int = 1, opts: GenerateOptions = GenerateOptions(),
+             prefilled: Prefilled | None = None) -> GenerateOutput:
     """Generates up to ``opts.max_new_tokens`` tokens for a left-padded batch.
 
     model: an LLM or an L2DModel; ids/mask (B, P) from ``left_pad``; ode_steps: grid points
@@ -204,27 +248,35 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
     (used when the model has guidance classes and class_labels (B,) are given);
     init_noise (max_new_tokens, B, 1, D): standard-normal draws to use instead of the PRNG;
     eos_id: stop token (-1: none); num_return_sequences: samples per prompt (rows repeated,
-    sample index folded into the PRNG).
+    sample index folded into the PRNG); prefilled: ``prefill(model, ids, mask,
+    opts.max_new_tokens, num_return_sequences)`` of these prompts, to share one prefill
+    between several calls (otherwise computed here).
     """
     ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-    if num_return_sequences > 1:
-        ids, mask = (jnp.repeat(a, num_return_sequences, axis=0) for a in (ids, mask))
-        if class_labels is not None:
-            class_labels = jnp.repeat(jnp.asarray(class_labels), num_return_sequences, axis=0)
-    b = ids.shape[0]
+    n = int(num_return_sequences)
+    b = ids.shape[0] * n
+    if class_labels is not None and n > 1:
+        class_labels = jnp.repeat(jnp.asarray(class_labels), n, axis=0)
     if sample_ids is None:
-        sample_ids = jnp.tile(jnp.arange(num_return_sequences, dtype=jnp.int32), b // num_return_sequences)
+        sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), ids.shape[0])
     if ode_steps and isinstance(model, LLM):
         raise ValueError("ode_steps > 0 needs an L2D model; this is a base model (use ode_steps=0)")
     if ode_steps == 1 or ode_steps < 0 or ode_steps > opts.max_ode_points:
         raise ValueError(f"ode_steps counts ODE grid points: 0 (base model) or 2..{opts.max_ode_points} "
                          f"(raise GenerateOptions.max_ode_points), got {ode_steps}")
+    if prefilled is None:
+        prefilled = prefill(model, ids, mask, opts.max_new_tokens, n)
+    want = (b, ids.shape[1] + opts.max_new_tokens)
+    if tuple(prefilled.kv_valid.shape) != want:
+        raise ValueError(f"prefilled holds {tuple(prefilled.kv_valid.shape)} (rows, prompt + new slots); these "
+                         f"prompts with num_return_sequences={n} and max_new_tokens={opts.max_new_tokens} "
+                         f"need {want}: build it with prefill(model, ids, mask, {opts.max_new_tokens}, {n})")
     g = guidance
     if g is None and not isinstance(model, LLM):
         g = model.settings.nstep_guidance_parameter
     graphdef, state = nnx.split(model)
-    return _generate_jit(
-        graphdef, state, ids, mask, jnp.asarray(sample_ids, jnp.int32),
+    return _decode_jit(
+        graphdef, state, prefilled, jnp.asarray(sample_ids, jnp.int32),
         jax.random.PRNGKey(0) if key is None else key, jnp.int32(ode_steps), sampler,
         None if ode_temperature is None else jnp.float32(ode_temperature),
         jnp.float32(1.0 if g is None else g),

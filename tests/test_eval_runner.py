@@ -29,14 +29,14 @@ def setup(tmp_path_factory):
     from jax_tiny import tiny_l2d
 
     from l2d_jax.config import tiny_tokenizer
-    from l2d_jax.generate import _generate_jit
+    from l2d_jax.generate import compiled_programs
 
     model, tok = tiny_l2d(seed=3), tiny_tokenizer()
     out = tmp_path_factory.mktemp("eval") / "run"
-    before = _generate_jit._cache_size()
+    before = compiled_programs()
     res = runner.evaluate(model, tok, fixture_tasks(), [0, 4], out_dir=out, batch_size=2,
                           max_new_tokens=NEW, progress=False, run_info={"model": "tiny"})
-    return dict(model=model, tok=tok, out=out, res=res, compiled=_generate_jit._cache_size() - before)
+    return dict(model=model, tok=tok, out=out, res=res, compiled=compiled_programs() - before)
 
 
 def read_jsonl(path):
@@ -120,13 +120,13 @@ def test_rerun_is_resumable(setup, tmp_path, monkeypatch):
     out = tmp_path / "resume"
     shutil.copytree(setup["out"], out)
     calls = []
-    real = runner._generate_batches
+    real = runner._generate_batch
 
-    def counting(g, task, prompts, *a, **kw):
-        calls.append((task.name, len(prompts)))
-        return real(g, task, prompts, *a, **kw)
+    def counting(g, chunk, real_rows, ids, mask, labels, prefilled, ode_steps, *a, **kw):
+        calls.append((ode_steps, real_rows))
+        return real(g, chunk, real_rows, ids, mask, labels, prefilled, ode_steps, *a, **kw)
 
-    monkeypatch.setattr(runner, "_generate_batches", counting)
+    monkeypatch.setattr(runner, "_generate_batch", counting)
     kw = dict(out_dir=out, batch_size=2, max_new_tokens=NEW, progress=False, run_info={"model": "tiny"})
     res = runner.evaluate(setup["model"], setup["tok"], fixture_tasks(), [0, 4], **kw)
     assert calls == []  # everything was finished
@@ -136,7 +136,7 @@ def test_rerun_is_resumable(setup, tmp_path, monkeypatch):
     rows = read_jsonl(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     res = runner.evaluate(setup["model"], setup["tok"], fixture_tasks(), [0, 4], **kw)
-    assert calls == [("mmlu", 1)]
+    assert calls == [(4, 1)]  # one batch of one prompt, at step 4 only (its base row is there)
     assert [r["completion"] for r in read_jsonl(path)] == [r["completion"] for r in rows]
     # a different generation setting in the same directory is refused
     with pytest.raises(L2DError, match="different evaluation"):
@@ -144,14 +144,20 @@ def test_rerun_is_resumable(setup, tmp_path, monkeypatch):
                         **{**kw, "max_new_tokens": NEW + 1})
 
 
-def test_step_counts_share_the_compiled_programs(setup, tmp_path):
+def test_step_counts_share_the_compiled_programs(setup, tmp_path, monkeypatch):
     """The first run compiled one program per prompt bucket; other step counts (and the base
-    step) in a new run compile nothing."""
+    step) in a new run compile nothing, and each batch is prefilled once for all of them."""
+    from l2d_jax import generate as gen_lib
+
     assert setup["compiled"] >= 1
+    prefills = []
+    real = gen_lib.prefill
+    monkeypatch.setattr(gen_lib, "prefill", lambda *a, **kw: prefills.append(1) or real(*a, **kw))
     res = runner.evaluate(setup["model"], setup["tok"], fixture_tasks()[:1], [0, 2, 3, 8],
                           out_dir=tmp_path / "more", batch_size=2, max_new_tokens=NEW, progress=False,
                           plot=False)
     assert res["compiles"] == 0
+    assert len(prefills) == 2  # 4 examples in batches of 2; 4 step counts each
     assert res["steps"] == ["base", "2", "3", "8"]
     nfe = {s: res["tasks"]["gsm8k"][s]["mean_nfe"] for s in res["steps"]}
     assert nfe == pytest.approx({"base": 0.0, "2": 2.0, "3": 4.0, "8": 14.0})

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from l2d_jax.generate import GenerateOptions, _generate_jit, generate, left_pad
+from l2d_jax.generate import GenerateOptions, compiled_programs, generate, left_pad
 from l2d_jax.nstep import ODEOptions
 from l2d_jax.sampling import Sampler
 
@@ -68,13 +68,13 @@ def test_sampling_is_batch_invariant_too(model):
 def test_no_recompilation_across_prompts_and_step_counts(model):
     ids, mask = left_pad(PROMPTS, pad_id=0)
     generate(model, ids, mask, ode_steps=2, opts=OPTS)
-    before = _generate_jit._cache_size()
+    before = compiled_programs()
     other = [[30, 31], [40, 41, 42, 43, 44, 45], [50]]
     ids2, mask2 = left_pad(other, pad_id=0)
     assert ids2.shape == ids.shape  # same bucket
     for steps in (0, 3, 8):
         generate(model, ids2, mask2, ode_steps=steps, sampler=Sampler(0.7), ode_temperature=0.5, opts=OPTS)
-    assert _generate_jit._cache_size() == before
+    assert compiled_programs() == before
 
 
 def test_eos_stops_rows(model):
@@ -133,3 +133,23 @@ def test_greedy_sampler_skips_nothing_it_needs():
     assert set(np.asarray(sample_tokens(logits, keys, 0.0)).tolist()) == {1}
     assert set(np.asarray(sample_tokens(logits, keys, 1.0, top_p=0.8)).tolist()) == {1, 2}
     assert set(np.asarray(sample_tokens(logits, keys, 1.0, top_p=1.0)).tolist()) == {0, 1, 2, 3}
+
+
+def test_a_shared_prefill_gives_what_a_fresh_one_gives(model):
+    """One prefill serves several generate calls (step counts, samples): each equals the call
+    that prefills for itself; a prefill of the wrong size is refused with the fix."""
+    import jax
+
+    from l2d_jax.generate import prefill
+
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    pre = prefill(model, ids, mask, OPTS.max_new_tokens, num_return_sequences=2)
+    key = jax.random.PRNGKey(3)
+    for steps in (0, 4, 2, 4):
+        shared = generate(model, ids, mask, ode_steps=steps, opts=OPTS, prefilled=pre, key=key,
+                          num_return_sequences=2, sampler=Sampler(1.0))
+        fresh = generate(model, ids, mask, ode_steps=steps, opts=OPTS, key=key, num_return_sequences=2,
+                         sampler=Sampler(1.0))
+        np.testing.assert_array_equal(shared.tokens, fresh.tokens)
+    with pytest.raises(ValueError, match="prefill\\(model, ids, mask, 8, 1\\)"):
+        generate(model, ids, mask, ode_steps=4, opts=OPTS, prefilled=pre)

@@ -6,8 +6,8 @@ contiguous share of the prompts (uneven shares: 3 MMLU examples, 3 prompts).
 This file is also the worker script: ``python tests/test_multihost_eval.py CALLS_DIR -- ARGS
 [:: ARGS ...]`` runs ``cli.main(ARGS)`` for each ``::``-separated command in one process and
 writes ``CALLS_DIR/calls.<process>.json``: the exit code of each command ("codes") and, per
-command, the (task, prompts) of every call of the runner's ``_generate_batches`` in that
-process ("calls").
+command, the number of prompts of every call of the runner's ``_batches`` in that process
+(one per task: the process's share of the prompts pending at any step) ("calls").
 """
 
 from __future__ import annotations
@@ -116,10 +116,9 @@ def test_two_processes_evaluate_like_one_and_resume(ckpt, tmp_path, capsys):
             json.loads((ref / "parts" / f"{part}.json").read_text())["seconds"]
     # each process generated its contiguous share of the pending prompts
     reports = [json.loads((tmp_path / f"calls.{i}.json").read_text()) for i in range(2)]
-    assert reports[0]["calls"] == [[["gsm8k", 2], ["gsm8k", 2], ["mmlu", 2], ["mmlu", 2]],
-                                   [["gsm8k", 1], ["mmlu", 2]], []]
-    assert reports[1]["calls"] == [[["gsm8k", 2], ["gsm8k", 2], ["mmlu", 1], ["mmlu", 1]],
-                                   [["gsm8k", 0], ["mmlu", 1]], []]
+    # (per task: its share of the prompts pending at any step; gsm8k then mmlu)
+    assert reports[0]["calls"] == [[2, 2], [1, 2], []]
+    assert reports[1]["calls"] == [[2, 1], [0, 1], []]
     # process 0's error (another setting in the same out_dir) stops every process
     assert reports[0]["codes"] == reports[1]["codes"] == [0, 0, 2]
     assert "process 0 failed: L2DError" in logs[1].read_text()
@@ -169,13 +168,13 @@ def _worker(argv: list[str]) -> int:
         else:
             cmd.append(a)
     calls: list[list] = []
-    real = runner._generate_batches
+    real = runner._batches
 
-    def counting(g, task, prompts, *a, **kw):
-        calls[-1].append([task.name, len(prompts)])
-        return real(g, task, prompts, *a, **kw)
+    def counting(g, prompts):
+        calls[-1].append(len(prompts))
+        return real(g, prompts)
 
-    runner._generate_batches = counting
+    runner._batches = counting
     codes = []
     for cmd in commands:
         calls.append([])

@@ -1,9 +1,10 @@
 """Benchmark runner: several tasks x several ODE step counts in one run, resumable.
 
 ``evaluate(model, tokenizer, tasks, steps, out_dir=...)`` renders every task's few-shot
-chat prompts once, then for each (task, step count) generates with ``l2d_jax.generate``
-(batched, jitted, the batch sharded over the process's devices), scores each completion
-with the task, and writes, as soon as that (task, step) finishes:
+chat prompts once, then for each task and batch of prompts generates at every step count
+with ``l2d_jax.generate`` (batched, jitted, the batch sharded over the process's devices),
+scores each completion with the task, appends it to its file after every batch, and
+writes, as soon as a task finishes:
 
 - ``DIR/completions/<task>_<step>.jsonl``: one row per completion (id, sample, prompt,
   completion, extracted, correct, formatted, nfe, new_tokens, reference, meta, score),
@@ -31,8 +32,9 @@ evaluations per generated token (midpoint with N grid points: 2 (N - 1)).
 
 Compilation: ``ode_steps``, the guidance weight and the temperatures are run-time values of
 the compiled generation program, so every step count of a task reuses the programs
-compiled for the first one (one per prompt-length bucket). The prompt prefill is NOT
-shared across step counts: each (task, step) re-runs it (a small cost next to decoding).
+compiled for the first one (one per prompt-length bucket). Batches are the outer loop and
+step counts the inner one: each batch's prompts are prefilled once (``generate.prefill``) and
+every step count (and guidance weight) decodes from that cache.
 
 Randomness: the key of a task is ``task_key(seed, task)``; row r of example i uses sample
 index ``i * num_samples + j``, so a completion depends on (seed, task, example, sample,
@@ -40,8 +42,8 @@ step) only, not on the batch it ran in; hence resuming and re-batching give the 
 
 Several processes (``jax.process_count() > 1``, after ``l2d_jax.distributed.initialize``;
 every process runs the same ``evaluate`` call): each process uses only its own devices
-(``_prepare_mesh``) and, for each (task, step), generates and scores its contiguous share
-(``process_shard``) of the prompts still pending; the rows are exchanged after every batch
+(``_prepare_mesh``) and, for each task, generates and scores its contiguous share
+(``process_shard``) of the prompts still pending at some step; the rows are exchanged after every batch
 (``gather_objects``) and only process 0 writes files. Process 0 alone reads ``out_dir``
 (the run-file check, the rows already done) and shares what it found (``on_main``), so
 every process agrees on the pending prompts and ``out_dir`` need only be on process 0's
@@ -317,13 +319,10 @@ def _decode(tokenizer, tokens: Sequence[int], stop_ids: tuple[int, ...]) -> str:
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
-def _generate_batches(g: _Gen, task, prompts: list[Prompt], ode_steps: int, guidance: float | None,
-                      opts, key, num_samples: int, on_batch) -> None:
-    """Generates every prompt's ``num_samples`` completions, batch by batch (longest prompts
-    first), calling ``on_batch(list of (prompt, sample, completion, nfe, new_tokens))``."""
-    import jax
-
-    from l2d_jax.generate import bucket_length, generate, left_pad
+def _batches(g: _Gen, prompts: list[Prompt]):
+    """Yields (chunk of ``g.batch_size`` prompts, number of real ones, ids, mask): longest
+    prompts first, the last chunk filled with copies of its first prompt."""
+    from l2d_jax.generate import bucket_length, left_pad
 
     order = sorted(prompts, key=lambda p: (-len(p.ids), p.index))
     bs = g.batch_size
@@ -331,38 +330,44 @@ def _generate_batches(g: _Gen, task, prompts: list[Prompt], ode_steps: int, guid
         chunk = order[start:start + bs]
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (bs - real)
-        length = bucket_length(max(len(p.ids) for p in chunk))
-        ids, mask = left_pad([p.ids for p in chunk], g.pad_id, length)
-        sample_ids = np.asarray([p.index * num_samples + j for p in chunk for j in range(num_samples)],
-                                np.int32)
-        labels = None
-        if g.guided:
-            first = class_label(task, chunk[0].example, g.guidance_categories, g.num_classes)
-            if first is not None:  # the original: a batch whose first item has none is unconditional
-                labels = []
-                for p in chunk:
-                    c = class_label(task, p.example, g.guidance_categories, g.num_classes)
-                    labels.append(g.num_classes if c is None else c)  # null class
-                labels = np.asarray(labels, np.int32)
+        ids, mask = left_pad([p.ids for p in chunk], g.pad_id, bucket_length(max(len(p.ids) for p in chunk)))
         if g.mesh is not None:
+            import jax
+
             from l2d_jax.sharding import batch_sharding
 
             ids = jax.device_put(ids, batch_sharding(g.mesh, 2))
             mask = jax.device_put(mask, batch_sharding(g.mesh, 2))
-        out = generate(g.model, ids, mask, key=key, ode_steps=ode_steps, sampler=g.sampler,
-                       ode_temperature=g.ode_temperature, guidance=guidance, class_labels=labels,
-                       eos_id=g.eos_id, sample_ids=sample_ids, num_return_sequences=num_samples, opts=opts)
-        tokens = np.asarray(out.tokens)
-        lengths = np.asarray(out.lengths)
-        nfe = np.asarray(out.nfe)
-        results = []
-        for i in range(real):
-            for j in range(num_samples):
-                r = i * num_samples + j
-                new = tokens[r, : lengths[r]].tolist()
-                results.append((chunk[i], j, _decode(g.tokenizer, new, g.stop_ids), float(nfe[r]),
-                                int(lengths[r])))
-        on_batch(results)
+        yield chunk, real, ids, mask
+
+
+def _class_labels(g: _Gen, task, chunk: list[Prompt]) -> np.ndarray | None:
+    """Guidance class per prompt (null class where none); None (unconditional batch) without
+    guidance or when the batch's first item has none (the original's rule)."""
+    if not g.guided or class_label(task, chunk[0].example, g.guidance_categories, g.num_classes) is None:
+        return None
+    labels = [class_label(task, p.example, g.guidance_categories, g.num_classes) for p in chunk]
+    return np.asarray([g.num_classes if c is None else c for c in labels], np.int32)
+
+
+def _generate_batch(g: _Gen, chunk: list[Prompt], real: int, ids, mask, labels, prefilled, ode_steps: int,
+                    guidance: float | None, opts, key, num_samples: int) -> list[tuple]:
+    """(prompt, sample, completion, nfe, new_tokens) for the real prompts of one batch."""
+    from l2d_jax.generate import generate
+
+    sample_ids = np.asarray([p.index * num_samples + j for p in chunk for j in range(num_samples)], np.int32)
+    out = generate(g.model, ids, mask, key=key, ode_steps=ode_steps, sampler=g.sampler,
+                   ode_temperature=g.ode_temperature, guidance=guidance, class_labels=labels,
+                   eos_id=g.eos_id, sample_ids=sample_ids, num_return_sequences=num_samples, opts=opts,
+                   prefilled=prefilled)
+    tokens, lengths, nfe = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.nfe)
+    results = []
+    for i in range(real):
+        for j in range(num_samples):
+            r = i * num_samples + j
+            results.append((chunk[i], j, _decode(g.tokenizer, tokens[r, : lengths[r]].tolist(), g.stop_ids),
+                            float(nfe[r]), int(lengths[r])))
+    return results
 
 
 # =========================================================================== evaluate
@@ -480,7 +485,7 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
     module docstring) and gets the results; only process 0 writes.
     """
     from l2d_jax import distributed
-    from l2d_jax.generate import GenerateOptions, _generate_jit
+    from l2d_jax.generate import GenerateOptions, compiled_programs
     from l2d_jax.sampling import Sampler
 
     out = Path(out_dir)
@@ -541,27 +546,20 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
                num_classes=int(model.settings.guidance_modulation_num_classes or 0) if guided else 0,
                guidance_categories=tuple(guidance_categories) if guidance_categories else None)
 
-    compiles_before = _generate_jit._cache_size()
+    compiles_before = compiled_programs()
     for task in task_objs:
         n_samples = int(num_samples or task.num_samples)
         n_new = int(max_new_tokens or task.max_new_tokens)
-        prompts = None
         task_ode = ode
         if task.is_code and code_ode_temperature is not None:
             task_ode = dataclasses.replace(ode, temperature=code_ode_temperature)
         opts = GenerateOptions(max_new_tokens=n_new, ode=task_ode, max_ode_points=max_points)
-        tkey = task_key(key, task.name)
-        for label, ode_steps, weight in runs:
-            if prompts is None:
-                prompts, skipped = render_task(task, tokenizer, chat_template=chat_template,
-                                               chat_template_kwargs=chat_template_kwargs,
-                                               max_seq_len=max_seq_len)
-            _run_one(gen, task, label, ode_steps, weight, prompts, skipped, opts, tkey, n_samples,
-                     out, progress)
-            if distributed.is_main_process():
-                write_results(out, plot=plot)
+        prompts, skipped = render_task(task, tokenizer, chat_template=chat_template,
+                                       chat_template_kwargs=chat_template_kwargs, max_seq_len=max_seq_len)
+        _run_task(gen, task, runs, prompts, skipped, opts, task_key(key, task.name), n_samples, out,
+                  progress, plot)
     results = distributed.on_main(lambda: write_results(out, plot=plot), default=_jsonable)
-    results["compiles"] = _generate_jit._cache_size() - compiles_before
+    results["compiles"] = compiled_programs() - compiles_before
     return results
 
 
@@ -578,78 +576,109 @@ def _check_run_file(out: Path, config: dict) -> None:
     _write_json(path, config)
 
 
-def _run_one(gen: _Gen, task, label: str, ode_steps: int, weight, prompts: list[Prompt], skipped: int,
-             opts, key, n_samples: int, out: Path, progress: bool) -> None:
-    """Generates and scores the rows of one (task, step) that its completions file lacks, then
-    writes that file (example order) and the part. Several processes: process 0 reads the
-    file and names the pending prompts; each process generates and scores its contiguous
-    share of them (``process_shard``); after every batch the processes exchange their new rows
-    (``_share_rows``) and process 0 appends them, so an interrupted run resumes from the rows
-    written. Only process 0 writes."""
+def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[Prompt], skipped: int,
+              opts, key, n_samples: int, out: Path, progress: bool, plot: bool) -> None:
+    """Generates and scores, for every (label, ode_steps, guidance) of ``runs``, the rows of
+    this task that its completions file lacks, then writes each file (example order) and
+    part. Batches are the outer loop and the runs the inner one, so each batch's prompts
+    are prefilled ONCE (``generate.prefill``) and every step count decodes from that cache.
+
+    Several processes: process 0 reads the files and names each run's pending prompts;
+    each process takes its contiguous share (``process_shard``) of the prompts pending for
+    any run; after every batch the processes exchange their new rows (``_share_rows``) and
+    process 0 appends them, so an interrupted run resumes from the rows written. Only
+    process 0 writes."""
     from l2d_jax import distributed
+    from l2d_jax.generate import prefill
 
-    path = completions_path(out, task.name, label)
     main = distributed.is_main_process()
-    rows: dict[tuple[str, int], dict] = {}
+    paths = {label: completions_path(out, task.name, label) for label, _, _ in runs}
+    rows: dict[str, dict[tuple[str, int], dict]] = {label: {} for label in paths}
 
-    def pending_indices() -> list[int]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows.update(read_rows(path))
-        return [i for i, p in enumerate(prompts)
-                if any((str(p.example.id), j) not in rows for j in range(n_samples))]
+    def pending_indices() -> dict[str, list[int]]:
+        found = {}
+        for label, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows[label].update(read_rows(path))
+            found[label] = [i for i, p in enumerate(prompts)
+                            if any((str(p.example.id), j) not in rows[label] for j in range(n_samples))]
+        return found
 
-    pending = [prompts[i] for i in distributed.on_main(pending_indices)]
-    seconds = 0.0
-    if pending:
+    pending = {label: set(ix) for label, ix in distributed.on_main(pending_indices).items()}
+    union = sorted(set().union(*pending.values()))
+    seconds = {label: 0.0 for label in paths}
+    if union:
         bar = None
         if progress and main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(pending), desc=f"{task.name} {label}", unit="ex", file=sys.stderr,
-                       leave=True, dynamic_ncols=True)
-        with (open(path, "a", encoding="utf-8") if main else contextlib.nullcontext()) as f:
+            bar = tqdm(total=sum(map(len, pending.values())), desc=f"{task.name} {', '.join(paths)}", unit="ex",
+                       file=sys.stderr, leave=True, dynamic_ncols=True)
+        with contextlib.ExitStack() as stack:
+            files = {label: stack.enter_context(open(path, "a", encoding="utf-8"))
+                     for label, path in paths.items()} if main else {}
+
             def keep(new_rows: list[dict]) -> None:  # process 0: every process's new rows
-                if f is None:
+                if not main:
                     return
                 for row in new_rows:
-                    rows[(row["id"], row["sample"])] = row
-                    f.write(json.dumps(row, default=_jsonable) + "\n")
-                f.flush()
-                if bar is not None:
-                    bar.update(len(new_rows) // n_samples)
+                    label = row.pop("_label")
+                    rows[label][(row["id"], row["sample"])] = row
+                    files[label].write(json.dumps(row, default=_jsonable) + "\n")
+                    if bar is not None and row["sample"] == 0:
+                        bar.update(1)
+                for f in files.values():
+                    f.flush()
 
-            def on_batch(items):
-                scores = task.score_many([(p.example, c) for p, _, c, _, _ in items])
-                keep(_share_rows([_row(p, j, c, nfe, n_tok, s)
-                                  for (p, j, c, nfe, n_tok), s in zip(items, scores)], False)[0])
-
-            t0 = time.perf_counter()
-            mine = [pending[i] for i in distributed.process_shard(len(pending))]
-            _generate_batches(gen, task, mine, ode_steps, weight, opts, key, n_samples, on_batch)
+            mine = [prompts[union[i]] for i in distributed.process_shard(len(union))]
+            for chunk, real, ids, mask in _batches(gen, mine):
+                pre = prefill(gen.model, ids, mask, opts.max_new_tokens, n_samples)
+                labels = _class_labels(gen, task, chunk)
+                new_rows = []
+                for label, ode_steps, weight in runs:
+                    todo = [i for i in range(real) if chunk[i].index in pending[label]]
+                    if not todo:
+                        continue
+                    t0 = time.perf_counter()
+                    items = [it for it in _generate_batch(gen, chunk, real, ids, mask, labels, pre, ode_steps,
+                                                          weight, opts, key, n_samples)
+                             if it[0].index in pending[label]]
+                    scores = task.score_many([(p.example, c) for p, _, c, _, _ in items])
+                    new_rows += [dict(_row(p, j, c, nfe, n_tok, sc), _label=label)
+                                 for (p, j, c, nfe, n_tok), sc in zip(items, scores)]
+                    seconds[label] += time.perf_counter() - t0
+                keep(_share_rows(new_rows, False)[0])
             done = False
             while not done:  # the other processes' last batches
                 new_rows, done = _share_rows([], True)
                 keep(new_rows)
-            seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
     if not main:
         return
-    # rewrite in example order (only the rows of this run's examples are summarised)
+    for label, ode_steps, weight in runs:
+        _write_part(task, label, ode_steps, weight, prompts, skipped, rows[label], n_samples, out,
+                    seconds[label] if pending[label] else None)
+        write_results(out, plot=plot)
+
+
+def _write_part(task, label: str, ode_steps: int, weight, prompts: list[Prompt], skipped: int,
+                rows: dict[tuple[str, int], dict], n_samples: int, out: Path, seconds: float | None) -> None:
+    """Rewrites one (task, step)'s completions in example order and writes its part (seconds
+    None: nothing was generated now; the part's earlier figure is kept)."""
+    path = completions_path(out, task.name, label)
     ordered = [rows[(str(p.example.id), j)] for p in prompts for j in range(n_samples)]
     extra = [r for k, r in rows.items() if k[0] not in {str(p.example.id) for p in prompts}]
     _rewrite_rows(path, ordered + extra)
     entry = summarize(task, [[rows[(str(p.example.id), j)]["score"] for j in range(n_samples)]
-                             for p in prompts],
-                      [rows[(str(p.example.id), j)] for p in prompts for j in range(n_samples)])
+                             for p in prompts], ordered)
     entry["n_skipped"] = int(skipped)
     if getattr(task, "num_dropped", 0):
         entry["n_dropped"] = int(task.num_dropped)
     old = part_path(out, task.name, label)
-    if not pending and old.is_file():
-        entry["seconds"] = json.loads(old.read_text()).get("seconds", 0.0)
-    else:
-        entry["seconds"] = seconds
+    if seconds is None and old.is_file():
+        seconds = json.loads(old.read_text()).get("seconds", 0.0)
+    entry["seconds"] = seconds or 0.0
     entry["ode_steps"] = ode_steps
     if weight is not None:
         entry["guidance"] = weight
