@@ -35,7 +35,7 @@ def get_config(arg=None):
         exclude_train_data_category=("advice-seeking", "brainstorming", "creative-writing", "editing",
                                      "planning", "role-playing"),
         max_seq_len=2048,
-        truncate_or_drop="drop",       # the original drops the first too-long turn and the rest
+        truncate_or_drop="drop",       # the original drops the first too-long turn and the rest ("truncate", "error")
         seq_len_buckets=(),            # () -> 256, 512, ..., max_seq_len
         seq_len_bucket_size=256,
         use_data_split_guidance=False,

@@ -120,8 +120,8 @@ TRAINING_SCHEMA: dict[str, Spec] = {
     "exclude_train_data_category": _s("seq", "rows whose 'category' is listed are skipped "
                                              "(train and valid, as the original)", elem="str"),
     "max_seq_len": _s("int", "a conversation is cut at its first turn with context + response longer"),
-    "truncate_or_drop": _s("str", "the first too-long turn: 'drop' (original) or 'truncate' it",
-                           choices=("drop", "truncate")),
+    "truncate_or_drop": _s("str", "the first too-long turn: 'drop' (original), 'truncate' it, or stop "
+                           "with an 'error'", choices=("drop", "truncate", "error")),
     "seq_len_buckets": _s("seq", "padded lengths (static shapes); () = multiples of "
                                  "seq_len_bucket_size up to max_seq_len", elem="int"),
     "seq_len_bucket_size": _s("int", "bucket step when seq_len_buckets is ()"),

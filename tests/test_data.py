@@ -136,6 +136,13 @@ def test_truncate_keeps_the_first_too_long_turn_cut(tmp_path, tok):
     assert ds.buckets == (32, 40)
 
 
+def test_error_mode_names_the_conversation_and_the_fix(tmp_path, tok):
+    with pytest.raises(D.DataError, match=r"conversation 1: assistant turn 1 has 17 context \+ 40 response "
+                                          r"tokens, more than max_seq_len=40.*truncate_or_drop"):
+        local_dataset(tmp_path, tok, [CONV, LONG], max_seq_len=40, truncate_or_drop="error")
+    assert len(local_dataset(tmp_path, tok, [CONV], max_seq_len=40, truncate_or_drop="error")) == 2
+
+
 def test_turn_examples_rule():
     ctxs, resps = [[1] * 3, [1] * 8, [1] * 12], [[2] * 2, [2] * 5, [2] * 1]
     kept, dropped = D.turn_examples(ctxs, resps, 10, "drop")

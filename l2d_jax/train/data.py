@@ -24,7 +24,8 @@ Example construction (the original's SmolTalk processor):
 - the conversation is cut at its first assistant turn with ``len(context) + len(response) >
   max_seq_len``: that turn and all later ones are dropped (``truncate_or_drop="drop"``), or
   that one turn is kept cut to ``max_seq_len`` tokens when its context is shorter
-  (``"truncate"``) and the later ones dropped; both are counted in ``stats``;
+  (``"truncate"``) and the later ones dropped; both are counted in ``stats``; ``"error"``
+  stops with the offending conversation instead;
 - ``input_ids = context + response``; ``labels`` SHIFTED: ``labels[i]`` is the token after
   position i, i.e. ``[-100] * (len(context) - 1) + response + [EOS]`` (a truncated example's
   last label is its first cut-off token); rows right-padded with EOS, labels -100 there.
@@ -85,6 +86,10 @@ SPLITS = ("train", "valid")
 
 class DataError(L2DError, ValueError):
     """Data that cannot be read or leaves nothing to train on."""
+
+
+class TooLongError(ValueError):
+    """A turn longer than max_seq_len under ``truncate_or_drop="error"``."""
 
 
 class Batch(NamedTuple):
@@ -330,12 +335,16 @@ def turn_examples(contexts: Sequence[Sequence[int]], responses: Sequence[Sequenc
     kept while ``len(context) + len(response) <= max_seq_len``; at the first longer one the
     conversation ends (that turn and every later one dropped), except that with
     ``"truncate"`` that one turn is kept (marked truncated; cut to ``max_seq_len`` when
-    stored) if its context is shorter than ``max_seq_len``."""
+    stored) if its context is shorter than ``max_seq_len``; ``"error"`` raises
+    ``TooLongError`` naming the turn and its length."""
     kept = []
     for i, (ctx, resp) in enumerate(zip(contexts, responses)):
         if len(ctx) + len(resp) <= max_seq_len:
             kept.append((ctx, resp, False))
             continue
+        if truncate_or_drop == "error":
+            raise TooLongError(f"assistant turn {i} has {len(ctx)} context + {len(resp)} response tokens, more "
+                               f"than max_seq_len={max_seq_len}")
         dropped = len(contexts) - i
         if truncate_or_drop == "truncate" and len(ctx) < max_seq_len:
             kept.append((ctx, resp, True))
@@ -397,20 +406,24 @@ def build_examples(rows: Iterable[dict], *, src: Source, tokenizer, chat_format:
     eos = tokenizer.eos_token_id
     excluded = set(exclude or ())
     before = stats["examples"]
-    pending: list[tuple[list[str], list[str], int]] = []
+    pending: list[tuple[list[str], list[str], int, int]] = []  # contexts, responses, class, row
 
     def flush():
-        ctx_texts = [t for c, _, _ in pending for t in c]
-        resp_texts = [t for _, r, _ in pending for t in r]
+        ctx_texts = [t for c, *_ in pending for t in c]
+        resp_texts = [t for _, r, *_ in pending for t in r]
         if not ctx_texts:
             pending.clear()
             return
         ctx_ids = tokenizer(ctx_texts, add_special_tokens=False)["input_ids"]
         resp_ids = tokenizer(resp_texts, add_special_tokens=False)["input_ids"]
         k = 0
-        for contexts, _, class_id in pending:
+        for contexts, _, class_id, row_index in pending:
             n = len(contexts)
-            kept, dropped = turn_examples(ctx_ids[k:k + n], resp_ids[k:k + n], max_seq_len, truncate_or_drop)
+            try:
+                kept, dropped = turn_examples(ctx_ids[k:k + n], resp_ids[k:k + n], max_seq_len, truncate_or_drop)
+            except TooLongError as e:
+                raise DataError(f"{src.spec!r}, conversation {row_index}: {e}. Raise max_seq_len or set "
+                                "truncate_or_drop to 'drop' (the original) or 'truncate'") from None
             k += n
             stats["dropped"] += dropped
             stats["cut_conversations"] += bool(dropped) or any(t for _, _, t in kept)
@@ -444,7 +457,7 @@ def build_examples(rows: Iterable[dict], *, src: Source, tokenizer, chat_format:
             contexts.append(chat_format.render(tokenizer, messages[:i], add_generation_prompt=True))
             responses.append(messages[i]["content"])
         class_id = -1 if labeler is None else labeler(category)
-        pending.append((contexts, responses, class_id))
+        pending.append((contexts, responses, class_id, n))
         if len(pending) >= chunk:
             flush()
     flush()
