@@ -60,6 +60,14 @@ above the parameter-shape counts (SmolLM2-135M, f32, 64 cache slots: main step 5
 not yet explained (candidates: fusions that read a weight more than once, or a
 materialised copy such as a transposed tied embedding); an HLO dump on the GPU would tell.
 
+``layer_matvec_gbps`` (``layer_matvec_gbps``): what XLA reaches on the base model's own
+weight matrices at batch 1, chained as in a decoding step with nothing else in between;
+``layer_matvec_bound_tokens_per_s`` / ``fraction_of_layer_matvec_bound`` use it instead of
+the streaming bandwidth. On the 2-core CPU host XLA's matrix-vector products stay near
+30-37 GB/s while a streaming read of one large array reaches 40-60 GB/s (both vary from run
+to run on this shared host), so the streaming bound is out of reach of any XLA CPU program
+at batch 1; the second figure says how much a step loses to everything that is not a dot.
+
 ``memory_bandwidth_gbps`` is the best of three streaming kernels over a >= 256 MB float32
 array on the default device, each the median of several runs: ``x + 1`` (read + write
 bytes / time), ``sum(x)`` (read) and a matrix-vector product ``W @ v`` (read). On the
@@ -191,6 +199,29 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
     out["memory_bandwidth_gbps"] = max(out["copy_gbps"], out["read_gbps"], out["matvec_gbps"])
     del x, w, v
     return out
+
+
+def layer_matvec_gbps(model, repeats: int = 7) -> float:
+    """GB/s of XLA on the base model's own weight matrices at batch 1, one dot after another
+    (each input depends on the previous output, one fused element-wise op between them): the
+    speed a decoding step would reach if it were nothing but its matrix-vector products."""
+    from flax import nnx
+
+    base = model.base if hasattr(model, "flow") else model
+    mats = [w for w in jax.tree.leaves(nnx.state(base.layers, nnx.Param)) if w.ndim == 2]
+    width = max(max(w.shape) for w in mats)
+
+    @jax.jit
+    def chain(mats, h):
+        for w in mats:
+            y = h[:, : w.shape[0]].astype(w.dtype) @ w
+            h = h.at[:, : w.shape[1]].add(1e-3 * y.astype(h.dtype))
+        return h
+
+    h = jnp.ones((1, width), jnp.float32)
+    jax.block_until_ready(chain(mats, h))
+    t = _median(_timed(lambda: jax.block_until_ready(chain(mats, h)), repeats))
+    return round(sum(w.nbytes for w in mats) / t / 1e9, 3)
 
 
 def _cpu_model() -> str:
@@ -443,6 +474,8 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
             "prompt_len": prompt_len, "x1_estimation": x1_mode, "repeats": repeats,
             "bytes_main_step": main1, "bytes_flow_eval": flow1,
             "bytes_parts": {k: v for k, v in counts1.items() if k.endswith("_parts")}}
+    matvec_bw = layer_matvec_gbps(model)
+    info["layer_matvec_gbps"] = matvec_bw
     progs1 = _StepPrograms(model, 1, prompt_len + new_tokens)
     info["xla_bytes_main_step"] = progs1.xla_bytes("main_step")
     info["xla_bytes_flow_eval"] = progs1.xla_bytes("flow_eval") if is_l2d else None
@@ -484,6 +517,8 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
             rec["components_ms_per_token"] = comp["main_step"] + ((nfe + 1) * comp["flow_eval"] if nfe else 0.0)
         if rec["bandwidth_bound_tokens_per_s"]:
             rec["fraction_of_bound"] = rec["decode_tokens_per_s"] / rec["bandwidth_bound_tokens_per_s"]
+        rec["layer_matvec_bound_tokens_per_s"] = b * matvec_bw * 1e9 / per_step_bytes
+        rec["fraction_of_layer_matvec_bound"] = rec["decode_tokens_per_s"] / rec["layer_matvec_bound_tokens_per_s"]
         orig = ORIGINAL_TORCH_CPU["tokens_per_s"].get(n)
         if (machine.get("jax_backend") == "cpu" and orig and b == ORIGINAL_TORCH_CPU["batch"]
                 and solver == ORIGINAL_TORCH_CPU["solver"]):
@@ -893,7 +928,8 @@ def run_forward(args) -> int:
 
 
 def _print_generate(report: dict) -> None:
-    print(f"bandwidth {report['machine'].get('memory_bandwidth_gbps')} GB/s; bytes main step "
+    print(f"bandwidth {report['machine'].get('memory_bandwidth_gbps')} GB/s (layer matvecs "
+          f"{report.get('layer_matvec_gbps')} GB/s); bytes main step "
           f"{report['bytes_main_step'] / 1e6:.1f} MB (XLA {(report['xla_bytes_main_step'] or 0) / 1e6:.1f}), "
           f"flow eval {report['bytes_flow_eval'] / 1e6:.1f} MB (XLA {(report['xla_bytes_flow_eval'] or 0) / 1e6:.1f})")
     for r in report["results"]:
@@ -902,4 +938,6 @@ def _print_generate(report: dict) -> None:
               f"{r['tokens_per_s']:9.3f} tok/s ({r['decode_tokens_per_s']:9.3f} decode, "
               f"{r['ms_per_token']:8.1f} ms/step)  ideal x{r['ideal_cost_ratio']:.2f}"
               + (f"  bound {bound:8.2f} ({100 * r['fraction_of_bound']:.0f}%)" if bound else "")
+              + f"  matvec bound {r['layer_matvec_bound_tokens_per_s']:8.2f} "
+                f"({100 * r['fraction_of_layer_matvec_bound']:.0f}%)"
               + (f"  vs original x{r['ratio_vs_original']:.1f}" if "ratio_vs_original" in r else ""))

@@ -38,7 +38,8 @@ def test_bench_generate_tiny(tiny, machine, tmp_path):
                                   repeats=1, machine=machine, progress=False, model_name="tiny",
                                   profile=False)
     assert MACHINE_KEYS <= set(report["machine"])
-    for key in ("bytes_main_step", "bytes_flow_eval", "xla_bytes_main_step", "xla_bytes_flow_eval"):
+    for key in ("bytes_main_step", "bytes_flow_eval", "xla_bytes_main_step", "xla_bytes_flow_eval",
+                "layer_matvec_gbps"):
         assert report[key] > 0, key
     rows = report["results"]
     assert len(rows) == 6
@@ -46,6 +47,7 @@ def test_bench_generate_tiny(tiny, machine, tmp_path):
         assert GENERATE_KEYS <= set(r)
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
         assert r["bandwidth_bound_tokens_per_s"] > 0
+        assert r["layer_matvec_bound_tokens_per_s"] > 0 and r["fraction_of_layer_matvec_bound"] > 0
         assert r["recompiles"] == 0, "ode_steps must be a run-time value"
         if r["ode_steps"] == 0:
             assert r["ideal_cost_ratio"] == 1 and r["nfe_per_token"] == 0
