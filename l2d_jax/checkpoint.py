@@ -152,7 +152,7 @@ def restore_params(ckpt_dir: str | os.PathLike, part: str = "base", target: Mapp
 
     with ocp.StandardCheckpointer() as ckptr:
         if target is None:
-            target = _abstract_from_metadata(ckptr.metadata(path).item_metadata.tree)
+            target = local_abstract_tree(ckptr.metadata(path).item_metadata.tree)
         return ckptr.restore(path, target)
 
 
@@ -178,12 +178,19 @@ def _orbax_save(path: Path, tree: Mapping) -> None:
         ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(dict(tree)))
 
 
-def _abstract_from_metadata(tree) -> dict:
+def local_abstract_tree(tree) -> dict:
+    """Restore targets for an orbax metadata tree: every array whole on this process's first
+    device (not on the shardings it was saved with, which may name other processes' devices);
+    digit keys of layer lists as ints."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def convert(node):
         if isinstance(node, Mapping):
             return {(int(k) if isinstance(k, str) and k.isdigit() else k): convert(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(convert(v) for v in node)
+        if not hasattr(node, "shape"):
+            return node
         return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype, sharding=device)
 
     return convert(tree)

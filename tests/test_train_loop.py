@@ -135,6 +135,10 @@ def test_checkpoints_keep_the_last_two_and_the_export_loads(tiny_run):
     assert ckpt == bare / loop.CHECKPOINTS / "8"
     model3, _ = loop.load_trained(bare)
     np.testing.assert_array_equal(np.asarray(model3.flow.final_head.layers[0].kernel[...]), a)
+    # restored whole onto this process's first device, not onto the saved shardings
+    import jax
+
+    assert model3.flow.final_head.layers[0].kernel[...].sharding.device_set == {jax.local_devices()[0]}
 
 
 def test_too_long_turns_are_dropped_and_counted(tiny_run):

@@ -266,8 +266,11 @@ def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: s
     config_lib.validate_config(cfg, num_devices=1, process_count=1)
     base, tok = config_lib.build_base(cfg)
     model = L2DModel(base, config_lib.l2d_settings(cfg), rngs=nnx.Rngs(0))
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore((p / "state").absolute())
+    from l2d_jax.checkpoint import local_abstract_tree
+
+    state_dir = (p / "state").absolute()
+    with ocp.StandardCheckpointer() as ckptr:  # onto this process's device, whatever mesh saved it
+        restored = ckptr.restore(state_dir, local_abstract_tree(ckptr.metadata(state_dir).item_metadata.tree))
     params = restored["params"]
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
