@@ -119,11 +119,15 @@ def prepare_data(out: Path, settings: dict, progress: bool = True) -> tuple[Path
     train, test = arithmetic.demo_splits(int(settings["n_train"]), int(settings["n_test"]),
                                          int(settings["train_seed"]), int(settings["test_seed"]))
     train_path, test_path = data / "train.jsonl", data / "test.jsonl"
-    rows = [arithmetic.conversation(p) for p in train]
+    # conversations of num_shots + 1 problems: training sees contexts with 0..num_shots earlier
+    # worked problems, as the few-shot evaluation prompts have (a model trained on one-turn
+    # conversations only was worse than the base model behind few-shot prompts)
+    turns = int(settings["num_shots"]) + 1
+    rows = [arithmetic.conversation(train[i:i + turns]) for i in range(0, len(train), turns)]
     wrote = arithmetic.write_jsonl(train_path, rows)
     wrote |= arithmetic.write_jsonl(test_path, test)
     wrote |= arithmetic.write_jsonl(data / "train_problems.jsonl", train)
-    _say(f"data: {len(train)} training conversations, {len(test)} held-out problems in {data}"
+    _say(f"data: {len(train)} training problems in {len(rows)} conversations, {len(test)} held-out problems in {data}"
          + ("" if wrote else " (unchanged)"))
     return train_path, test_path
 

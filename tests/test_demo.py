@@ -90,6 +90,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert "95%" in (out / "results.md").read_text()
     train_rows = [json.loads(x) for x in (out / "data/train.jsonl").read_text().splitlines()]
     assert train_rows[0]["messages"][1]["content"].rsplit("\n", 1)[-1].startswith("####")
+    settings = json.loads((out / "demo_settings.json").read_text())
+    assert len(train_rows[0]["messages"]) == 2 * (settings["num_shots"] + 1)  # few-shot-like contexts
     text = capsys.readouterr().out
     assert str(out / "results.json") in text
 

@@ -625,10 +625,10 @@ def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[P
                     label = row.pop("_label")
                     rows[label][(row["id"], row["sample"])] = row
                     files[label].write(json.dumps(row, default=_jsonable) + "\n")
-                    if bar is not None and row["sample"] == 0:
-                        bar.update(1)
                 for f in files.values():
                     f.flush()
+                if bar is not None:  # one update per batch: tqdm may skip the display of rapid ones
+                    bar.update(sum(row["sample"] == 0 for row in new_rows))
 
             mine = [prompts[union[i]] for i in distributed.process_shard(len(union))]
             for chunk, real, ids, mask in _batches(gen, mine):

@@ -117,10 +117,14 @@ def demo_splits(n_train: int, n_test: int, train_seed: int, test_seed: int) -> t
     return train, test
 
 
-def conversation(problem: dict) -> dict:
-    """A training row ``{"messages": [user question, assistant worked answer], "category"}``."""
-    return {"messages": [{"role": "user", "content": problem["question"]},
-                         {"role": "assistant", "content": problem["answer"]}], "category": "math"}
+def conversation(problems: list[dict]) -> dict:
+    """A training row ``{"messages": [question, worked answer, question, answer, ...],
+    "category"}``: one turn per problem, so that the examples of its later turns (context =
+    the turns before) look like the task's few-shot prompts."""
+    messages = []
+    for p in problems:
+        messages += [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}]
+    return {"messages": messages, "category": "math"}
 
 
 def write_jsonl(path, rows) -> bool:
