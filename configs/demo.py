@@ -47,7 +47,7 @@ def get_config(arg=None):
     config.seed = 42
 
     config.log_interval = 1 if quick else 5
-    config.validate_interval = 3 if quick else 40
+    config.validate_interval = 3 if quick else 25
     config.save_model_interval = 3 if quick else 25
     config.keep_checkpoints = 2
     config.compute_nstep_loss = -1
