@@ -7,14 +7,12 @@ copy of this file that loads another sibling. ``configs/demo.py:quick`` is the `
 size. The demo-only settings (problem counts, seeds, evaluation) are ``demo_settings(arg)``;
 ``--config.KEY=VALUE`` sets either kind of key.
 
-Sizes (2 CPU cores, float32; measured on a loaded 2-core machine, where the demo got ~0.65
-core, and scaled to an idle one): a SmolLM2 training step at 8 x 96 tokens takes ~7 s idle
-(~20 s loaded), so the default 60 steps are ~7-8 min plus ~1 min set-up; evaluation costs
-per held-out problem (batch ~50, ~20 new tokens, midpoint) about 0.3 s at base, 1 s at 2,
-1.8 s at 4, 3.6 s at 8 and 7.5 s at 16 grid points (~14 s for all five), so the default
-evaluates the first 64 of the 300 held-out problems (~15 min): ~25-30 min in all on an idle
-machine (2-3x that when the cores are shared). ``--config.eval_limit=300`` evaluates all of
-them (~70 min more). ``--quick``: 6 steps, 16 problems at base / 2 / 8, a few minutes.
+Sizes (2 CPU cores, float32, 2026-12-04): training conversations hold num_shots + 1 = 3
+problems (their later turns look like the 2-shot evaluation prompts; up to ~225 tokens), in
+the measured run a step of 8 of them took ~22 s (the cores were shared with a CI rehearsal
+for most of it), the 60 steps ~23 min; the evaluation of all 300 held-out problems at base,
+2, 4, 8 and 16 grid points (midpoint, batches of 100, each batch prefilled once) took ~9 min
+per batch, ~27 min. ``--quick``: 6 steps, 16 problems at base / 2 / 8, a few minutes.
 """
 
 from l2d_jax.config import sibling_config

@@ -54,11 +54,13 @@ the fixed-size cache that attention reads at every step):
 accessed"]`` of the compiled one-token ``model.base(...)`` step and ``model.flow_only(...)``
 at batch 1. XLA sums operand and result bytes of every HLO op after fusion, so it also
 counts intermediates and the rewrite of the KV cache. On CPU it comes out a few percent
-above the parameter-shape counts (SmolLM2-135M, f32, 64 cache slots: main step 572 vs
-541 MB, flow evaluation 680 vs 664 MB). On an H200 (XLA GPU, same model) it reported
+above the parameter-shape counts (SmolLM2-135M, f32, 64 cache slots: main step 558 vs
+541 MB; the flow evaluation compiled on its own runs the modulation heads, 681 MB, where
+generation reads a table row, 549 MB). On an H200 (XLA GPU, same model) it reported
 1405 vs 541 MB and 1098 vs 664 MB (Llama-3.2-1B bf16: 3162 vs 2474 MB, 3133 vs 2552 MB):
-not yet explained (candidates: fusions that read a weight more than once, or a
-materialised copy such as a transposed tied embedding); an HLO dump on the GPU would tell.
+measured before generation stopped materialising the transposed tied embedding (found
+in the CPU HLO of the decoding loop and removed on 2026-12-04); not re-measured on a GPU
+since, and an HLO dump on the GPU would tell what remains.
 
 ``layer_matvec_gbps`` (``layer_matvec_gbps``): what XLA reaches on the base model's own
 weight matrices at batch 1, chained as in a decoding step with nothing else in between;
