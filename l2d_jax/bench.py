@@ -435,12 +435,6 @@ class _StepPrograms:
 # --------------------------------------------------------------------------- generate
 
 
-def _generate_cache_size() -> int:
-    from l2d_jax.generate import compiled_programs
-
-    return compiled_programs()
-
-
 def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: int = 32,
                    solver: str = "midpoint", prompt_len: int = 32, repeats: int = 3,
                    max_seconds_per_point: float | None = 120.0, machine: dict | None = None,
@@ -453,7 +447,7 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
     Extra repeats of a point stop once ``max_seconds_per_point`` have been spent.
     ``on_update(report)`` is called with the report so far after every measured point.
     """
-    from l2d_jax.generate import GenerateOptions, generate, left_pad, prefill
+    from l2d_jax.generate import GenerateOptions, compiled_programs, generate, left_pad, prefill
     from l2d_jax.nstep import ODEOptions
     from l2d_jax.sampling import Sampler
 
@@ -542,11 +536,11 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
                 jax.block_until_ready(out.tokens)
                 return out
 
-            cache0 = _generate_cache_size()
+            cache0 = compiled_programs()
             t0 = time.perf_counter()
             run(steps[0])
             first_s = time.perf_counter() - t0
-            compiles_first = _generate_cache_size() - cache0
+            compiles_first = compiled_programs() - cache0
             # Round-robin over the step counts, `repeats` rounds: on a shared host, load that
             # comes and goes then affects every point alike instead of a few of them.
             times = {n: _Times() for n in steps}
@@ -558,9 +552,9 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
                     if r and max_seconds_per_point is not None and sum(times[n]) >= max_seconds_per_point:
                         _tick(bar)
                         continue
-                    before = _generate_cache_size()
+                    before = compiled_programs()
                     one = _timed(lambda: run(n), 1)
-                    recompiles[n] += _generate_cache_size() - before
+                    recompiles[n] += compiled_programs() - before
                     times[n].append(one[0])
                     cpu[n] += one.cpu_per_wall * one[0]
                     _tick(bar, f"B={b} steps={n}: {b * new_tokens / one[0]:.2f} tok/s")

@@ -636,8 +636,7 @@ def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[P
                 labels = _class_labels(gen, task, chunk)
                 new_rows = []
                 for label, ode_steps, weight in runs:
-                    todo = [i for i in range(real) if chunk[i].index in pending[label]]
-                    if not todo:
+                    if not any(p.index in pending[label] for p in chunk[:real]):
                         continue
                     t0 = time.perf_counter()
                     items = [it for it in _generate_batch(gen, chunk, real, ids, mask, labels, pre, ode_steps,
@@ -659,7 +658,7 @@ def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[P
     for label, ode_steps, weight in runs:
         _write_part(task, label, ode_steps, weight, prompts, skipped, rows[label], n_samples, out,
                     seconds[label] if pending[label] else None)
-        write_results(out, plot=plot)
+    write_results(out, plot=plot)
 
 
 def _write_part(task, label: str, ode_steps: int, weight, prompts: list[Prompt], skipped: int,
