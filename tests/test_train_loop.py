@@ -308,6 +308,27 @@ def test_jsonl_truncation_and_validation_scalars(tmp_path):
     assert out["val_nstep_loss"] == 1.0 and out["val_nstep_acc_greedy"] == 0.7
 
 
+def test_logger_without_clu_writes_jsonl_and_warns(tmp_path, monkeypatch, caplog):
+    """A bare accelerator image has no clu / TensorFlow: training still logs (console, jsonl)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_clu(name, *args, **kwargs):
+        if name == "clu" or name.startswith("clu."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_clu)
+    with caplog.at_level("INFO", logger="l2d_jax.train"):
+        logger = metrics.MetricsLogger(tmp_path, progress=False)
+        logger.log_train(1, {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0})
+        logger.close()
+    assert "clu is not installed" in caplog.text and "loss=2.5" in caplog.text
+    assert metrics.read_jsonl(tmp_path / metrics.JSONL) == [{"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0}]
+    assert not (tmp_path / metrics.TB_DIR).exists()
+
+
 def test_profiler_writes_a_trace(tmp_path):
     import jax
     import jax.numpy as jnp

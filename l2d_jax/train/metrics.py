@@ -2,7 +2,9 @@
 a progress bar, and an optional profiler trace.
 
 Only process 0 writes files (the other processes get a console-only clu writer). Heavy
-imports (clu pulls in TensorFlow, wandb) happen lazily, when a logger is created.
+imports (clu pulls in TensorFlow, wandb) happen lazily, when a logger is created. Where clu
+is not installed (a bare accelerator image), the logger warns once and writes to the console
+and ``metrics.jsonl`` only: no TensorBoard events.
 
 ``WORKDIR/metrics.jsonl`` holds one JSON object per line: training lines
 ``{"step", "loss", "lr", "tokens_per_s", ...}`` every ``log_interval`` steps and validation
@@ -78,11 +80,8 @@ class MetricsLogger:
 
     def __init__(self, workdir: str | os.PathLike, *, main: bool = True, wandb_config: Mapping | None = None,
                  total_steps: int | None = None, start_step: int = 0, progress: bool = True):
-        from clu import metric_writers
-
         self.workdir, self.main = Path(workdir), main
-        self.writer = metric_writers.create_default_writer(
-            str(self.workdir / TB_DIR) if main else None, just_logging=not main, asynchronous=False)
+        self.writer = _scalar_writer(self.workdir / TB_DIR, main)
         self.jsonl = (self.workdir / JSONL).open("a") if main else None
         self.wandb = None
         if main and wandb_config is not None:
@@ -143,6 +142,32 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _scalar_writer(tb_dir: Path, main: bool):
+    """clu's default writer (TensorBoard + console on the main process, console elsewhere);
+    without clu, a console-only writer and a warning saying what is missing."""
+    try:
+        from clu import metric_writers
+    except ImportError as e:
+        log.warning("clu is not installed (%s): metrics go to the console and metrics.jsonl only, "
+                    "no TensorBoard events; `pip install clu tensorflow-cpu tensorboard` adds them", e)
+        return _ConsoleWriter()
+    return metric_writers.create_default_writer(str(tb_dir) if main else None, just_logging=not main,
+                                                asynchronous=False)
+
+
+class _ConsoleWriter:
+    """The part of clu's MetricWriter interface the logger uses, writing to ``log``."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        log.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in scalars.items()))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- validation
