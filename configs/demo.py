@@ -45,7 +45,8 @@ def get_config(arg=None):
     config.seed = 42
 
     config.log_interval = 1 if quick else 5
-    config.validate_interval = 3 if quick else 20
+    config.validate_interval = 3 if quick else 20  # on the demo's valid.jsonl
+    config.num_t_bins = 10  # losses binned by t: does the flow path read x_t?
     config.save_model_interval = 3 if quick else 20
     config.keep_checkpoints = 2
     config.compute_nstep_loss = -1
@@ -61,8 +62,10 @@ def demo_settings(arg=None):
     return dict(
         n_train=2000,
         n_test=300,
+        n_valid=12 if quick else 48,  # validation problems (conversations of num_shots + 1)
         train_seed=1001,
         test_seed=2002,
+        valid_seed=3003,
         eval_limit=16 if quick else None,  # first N of the n_test held-out problems (None: all)
         eval_steps=(2, 8) if quick else (2, 4, 8, 16),
         eval_batch_size=16 if quick else 100,

@@ -3,10 +3,11 @@ plot accuracy against ODE steps.
 
 Stages (each resumable; a rerun with the same ``--out`` skips finished work):
 
-1. data: ``OUT/data/train.jsonl`` (conversations ``{"messages": [...]}``) and
-   ``OUT/data/test.jsonl`` (held-out problems, another seed, no shared question), from the
-   seeded generator of ``l2d_jax.evaluation.tasks.arithmetic`` (deterministic: rewritten only
-   when different);
+1. data: ``OUT/data/train.jsonl`` (conversations ``{"messages": [...]}``),
+   ``OUT/data/valid.jsonl`` (a few conversations for the validation loss binned by t) and
+   ``OUT/data/test.jsonl`` (held-out problems), each from its own seed with no shared
+   question, from the seeded generator of ``l2d_jax.evaluation.tasks.arithmetic``
+   (deterministic: rewritten only when different);
 2. training: ``l2d_jax.train.loop.train`` in ``OUT/train`` (resumes from its checkpoints;
    skipped when ``OUT/train/export`` exists);
 3. evaluation: ``l2d_jax.evaluation.runner.evaluate`` of the trained model on the held-out
@@ -112,24 +113,29 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def prepare_data(out: Path, settings: dict, progress: bool = True) -> tuple[Path, Path]:
+def prepare_data(out: Path, settings: dict, progress: bool = True) -> tuple[Path, Path, Path | None]:
+    """Writes the demo's data files; returns (train, test, valid or None when n_valid = 0)."""
     from l2d_jax.evaluation.tasks import arithmetic
 
     data = out / "data"
     train, test = arithmetic.demo_splits(int(settings["n_train"]), int(settings["n_test"]),
                                          int(settings["train_seed"]), int(settings["test_seed"]))
-    train_path, test_path = data / "train.jsonl", data / "test.jsonl"
+    valid = arithmetic.generate_problems(int(settings["n_valid"]), int(settings["valid_seed"]),
+                                         exclude={p["question"] for p in train + test})
+    train_path, test_path, valid_path = data / "train.jsonl", data / "test.jsonl", data / "valid.jsonl"
     # conversations of num_shots + 1 problems: training sees contexts with 0..num_shots earlier
     # worked problems, as the few-shot evaluation prompts have (a model trained on one-turn
     # conversations only was worse than the base model behind few-shot prompts)
     turns = int(settings["num_shots"]) + 1
     rows = [arithmetic.conversation(train[i:i + turns]) for i in range(0, len(train), turns)]
     wrote = arithmetic.write_jsonl(train_path, rows)
+    wrote |= arithmetic.write_jsonl(valid_path, [arithmetic.conversation(valid[i:i + turns])
+                                                 for i in range(0, len(valid), turns)])
     wrote |= arithmetic.write_jsonl(test_path, test)
     wrote |= arithmetic.write_jsonl(data / "train_problems.jsonl", train)
-    _say(f"data: {len(train)} training problems in {len(rows)} conversations, {len(test)} held-out problems in {data}"
-         + ("" if wrote else " (unchanged)"))
-    return train_path, test_path
+    _say(f"data: {len(train)} training problems in {len(rows)} conversations, {len(valid)} validation "
+         f"problems, {len(test)} held-out problems in {data}" + ("" if wrote else " (unchanged)"))
+    return train_path, test_path, (valid_path if valid else None)
 
 
 def _all_parts_done(out: Path, task: str, labels: list[str], n: int) -> bool:
@@ -159,9 +165,9 @@ def run_demo(out=None, *, config_path=None, overrides: Iterable[str] = (), quick
 
     # ------------------------------------------------------------------ data
     t0 = time.perf_counter()
-    train_path, test_path = prepare_data(out, settings, progress)
+    train_path, test_path, valid_path = prepare_data(out, settings, progress)
     cfg.train_filepaths = (str(train_path),)
-    cfg.valid_filepaths = ()
+    cfg.valid_filepaths = (str(valid_path),) if valid_path else ()
     config_lib.validate_config(cfg)
     (out / "demo_settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     timings["data_s"] = time.perf_counter() - t0
@@ -220,6 +226,19 @@ def run_demo(out=None, *, config_path=None, overrides: Iterable[str] = (), quick
     return res
 
 
+def _binned_val_lines(workdir: Path) -> list[str]:
+    """The last validation loss per t bin (from ``metrics.jsonl``): whether the flow path reads
+    x_t, which it must for more ODE steps to help (then the loss falls towards t = 1)."""
+    from l2d_jax.train.metrics import JSONL, read_jsonl
+
+    rows = [r for r in read_jsonl(workdir / JSONL) if any(k.startswith("val_binned_loss/") for k in r)]
+    if not rows:
+        return []
+    bins = {k.split("/", 1)[1]: v for k, v in rows[-1].items() if k.startswith("val_binned_loss/")}
+    return ["", f"  validation loss by t at step {rows[-1]['step']} (falls towards t = 1 once the flow "
+                "path reads x_t):", "    " + "  ".join(f"{b[1:]} {v:.3f}" for b, v in bins.items())]
+
+
 def _summary(out: Path, res: dict, timings: dict) -> None:
     acc = res.get("accuracy", {})
     lines = ["", "=" * 60, "L2D demo finished", ""]
@@ -231,5 +250,6 @@ def _summary(out: Path, res: dict, timings: dict) -> None:
     lines += ["", f"  results:  {out / 'results.json'}", f"  table:    {out / 'results.md'}",
               f"  plot:     {out / 'accuracy_vs_steps.png'}", f"  model:    {res.get('workdir')}",
               f"  data:     {out / 'data'}",
-              "  time:     " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()), "=" * 60]
+              "  time:     " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items())]
+    lines += _binned_val_lines(Path(res.get("workdir", ""))) + ["=" * 60]
     print("\n".join(lines), flush=True)

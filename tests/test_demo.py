@@ -12,6 +12,7 @@ import pytest
 
 from l2d_jax.evaluation.tasks import arithmetic, get_task
 from l2d_jax.evaluation.tasks.arithmetic import demo_splits, generate_problems, solve
+from l2d_jax.train import metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +82,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), *QUICK]) == 0
     first = time.perf_counter() - t0
     for name in ("results.json", "results.md", "accuracy_vs_steps.png", "data/train.jsonl",
-                 "data/test.jsonl"):
+                 "data/valid.jsonl", "data/test.jsonl"):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())
     assert list(res["accuracy"]) == ["base", "2", "8"]
@@ -94,6 +95,14 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert len(train_rows[0]["messages"]) == 2 * (settings["num_shots"] + 1)  # few-shot-like contexts
     text = capsys.readouterr().out
     assert str(out / "results.json") in text
+    # the validation loss binned by t (does the flow path read x_t?) is logged and summarised
+    val = [r for r in metrics.read_jsonl(next(out.glob("train_*")) / metrics.JSONL) if "val_loss" in r]
+    assert val and sum(k.startswith("val_binned_loss/") for k in val[-1]) == 10
+    assert "validation loss by t at step 2" in text
+    questions = lambda f: {m["content"] for r in map(json.loads, (out / "data" / f).read_text().splitlines())
+                           for m in r.get("messages", [{"role": "user", "content": r.get("question")}])
+                           if m["role"] == "user"}
+    assert not questions("valid.jsonl") & (questions("train.jsonl") | questions("test.jsonl"))
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "completions").glob("*.jsonl")}
     t0 = time.perf_counter()
