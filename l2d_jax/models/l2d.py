@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2d_jax import diffusion
-from l2d_jax.models.llm import LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend, swiglu
+from l2d_jax.models.llm import LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend, matmul, swiglu
 from l2d_jax.settings import L2DSettings
 
 FLOW = nnx.PathContains("flow")  # filter: the trainable flow half of an L2DModel
@@ -76,7 +76,7 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        return (x @ self.A[...].astype(self.dtype) @ self.B[...].astype(self.dtype)) * self.scale
+        return matmul(matmul(x, self.A[...].astype(self.dtype)), self.B[...].astype(self.dtype)) * self.scale
 
 
 def _modulation_head(c: int, out: int, cfg: LLMConfig, rngs: nnx.Rngs) -> MLP:

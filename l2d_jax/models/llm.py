@@ -174,12 +174,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """
     b, tq, h, hd = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(b, tq, hkv, h // hkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    # heads ahead of positions, once, on the small q/k/v/out: the (B, Hkv, Tq, G, S) scores
+    # are then every dot's natural layout, and XLA transposes none of them (fwd or bwd)
+    qg = q.reshape(b, tq, hkv, h // hkv, hd).transpose(0, 2, 1, 3, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bktgd,bksd->bktgs", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(hd))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bktgs,bksd->bktgd", probs, v).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, tq, h * hd)
 
 
@@ -188,6 +191,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 def _dtype(name: str):
     return jnp.dtype(name)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., in) @ w (in, out) as one 2-D matmul: (..., out).
+
+    Flattening the leading axes keeps the weight gradient a plain x^T @ g; with two
+    contracted axes (B, T) XLA:CPU transposes the output gradient g first.
+    """
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + w.shape[1:])
 
 
 class Linear(nnx.Module):
@@ -201,7 +213,7 @@ class Linear(nnx.Module):
         self.dtype = _dtype(cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
