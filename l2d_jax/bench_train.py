@@ -13,7 +13,8 @@ Reported (JSON):
   figure); ``compile_s``: XLA's compile plus the first call minus ``step_s``;
   ``cpu_per_wall``: process CPU seconds per wall second over the timed steps (on the shared
   2-core host, below ~1.8 means other processes took cores; ``step_s_min`` is then the
-  better figure).
+  better figure). ``page_faults_per_step``: the process's minor page faults per timed step
+  (glibc maps XLA's temporaries of each call afresh: ~0.9 M, 3.7 GB, for the defaults).
 - ``flops_per_step``: XLA's ``cost_analysis()["flops"]`` of the compiled step, and
   ``flops_per_step_analytic``: matmul FLOPs counted from the shapes (``analytic_flops``),
   ``achieved_gflops = flops / step_s`` (and ``achieved_gflops_analytic``) and its fraction of
@@ -146,12 +147,14 @@ def bench_train(batch: int = 4, seq: int = 256, steps: int = 3, dtype: str = "fl
     jax.block_until_ready(met)
     first_s = time.perf_counter() - t0
     times, cpu0 = [], time.process_time()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(max(1, steps)):
         t0 = time.perf_counter()
         state, met = trainer.train_step(state, frozen, b)
         jax.block_until_ready(met)
         times.append(time.perf_counter() - t0)
     cpu_per_wall = (time.process_time() - cpu0) / sum(times)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(times)
     step_s = statistics.median(times)
     analytic = analytic_flops(llm_cfg, settings, batch, seq)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -169,7 +172,7 @@ def bench_train(batch: int = 4, seq: int = 256, steps: int = 3, dtype: str = "fl
         "dtype": dtype, "batch": batch, "seq": seq, "timed_steps": len(times), "remat": remat,
         "step_s": step_s, "step_s_min": min(times), "step_times_s": times, "tokens_per_s": tokens_per_s,
         "compile_s": xla_compile_s + max(0.0, first_s - step_s), "xla_compile_s": xla_compile_s,
-        "setup_s": setup_s, "cpu_per_wall": cpu_per_wall,
+        "setup_s": setup_s, "cpu_per_wall": cpu_per_wall, "page_faults_per_step": faults,
         "flops_per_step": xla_flops, "flops_per_step_analytic": analytic["total"],
         "flops_analytic_breakdown": analytic,
         "achieved_gflops": xla_flops / step_s / 1e9,
