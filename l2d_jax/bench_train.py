@@ -18,8 +18,8 @@ Reported (JSON):
 - ``flops_per_step``: XLA's ``cost_analysis()["flops"]`` of the compiled step, and
   ``flops_per_step_analytic``: matmul FLOPs counted from the shapes (``analytic_flops``),
   ``achieved_gflops = flops / step_s`` (and ``achieved_gflops_analytic``) and its fraction of
-  the machine's ``matmul_gflops`` (a jitted float32 2048^3 matmul, measured in the same
-  run). On CPU the two FLOP counts agree within ~15 %; on GPU XLA's count leaves out most
+  the machine's ``matmul_gflops`` (a jitted 2048^3 matmul, 4096^3 on GPU, in the step's
+  dtype, measured in the same run). On CPU the two FLOP counts agree within ~15 %; on GPU XLA's count leaves out most
   of the library GEMMs (H200: 0.11 vs 1.2 TFLOP for SmolLM2 B4 x T256), so use the analytic one.
 - ``peak_mem_bytes``: the process's peak resident set (``ru_maxrss``), compile included;
   ``device_peak_mem_bytes``: the accelerator's peak (``memory_stats``), None on CPU.
@@ -91,13 +91,13 @@ def analytic_flops(cfg, settings, batch: int, seq: int) -> dict:
             "flow_backward": float(layers * flow_bwd * tokens), "lm_head": float(2 * head * tokens)}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """float32 GFLOP/s of a jitted n x n @ n x n matmul on the default device (median)."""
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """GFLOP/s of a jitted n x n @ n x n matmul in ``dtype`` on the default device (median)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
     times = []
@@ -162,7 +162,7 @@ def bench_train(batch: int = 4, seq: int = 256, steps: int = 3, dtype: str = "fl
         device_peak = int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
     except Exception:  # noqa: BLE001 - CPU devices keep no memory statistics
         device_peak = None
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(4096 if jax.default_backend() == "gpu" else 2048, dtype=dtype)
     n_flow = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
     tokens_per_s = batch * seq / step_s
