@@ -127,10 +127,13 @@ def prepare_data(out: Path, settings: dict, progress: bool = True) -> tuple[Path
     # worked problems, as the few-shot evaluation prompts have (a model trained on one-turn
     # conversations only was worse than the base model behind few-shot prompts)
     turns = int(settings["num_shots"]) + 1
-    rows = [arithmetic.conversation(train[i:i + turns]) for i in range(0, len(train), turns)]
+
+    def conversations(problems):
+        return [arithmetic.conversation(problems[i:i + turns]) for i in range(0, len(problems), turns)]
+
+    rows = conversations(train)
     wrote = arithmetic.write_jsonl(train_path, rows)
-    wrote |= arithmetic.write_jsonl(valid_path, [arithmetic.conversation(valid[i:i + turns])
-                                                 for i in range(0, len(valid), turns)])
+    wrote |= arithmetic.write_jsonl(valid_path, conversations(valid))
     wrote |= arithmetic.write_jsonl(test_path, test)
     wrote |= arithmetic.write_jsonl(data / "train_problems.jsonl", train)
     _say(f"data: {len(train)} training problems in {len(rows)} conversations, {len(valid)} validation "
