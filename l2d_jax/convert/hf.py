@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
+import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -266,11 +266,26 @@ def _plan(cfg: LLMConfig, refs: Mapping[str, TensorRef], expected: dict, source:
     return plan
 
 
-def _convert(values: np.ndarray, transpose: bool, dtype) -> jnp.ndarray:
-    """Transpose + cast in one host copy, then hand it to JAX."""
-    host = np.array(values.T if transpose else values, dtype=dtype, order="C")
-    del values
-    return jnp.asarray(host)
+def _convert(values: np.ndarray, transpose: bool, dtype) -> jax.Array:
+    """Transpose + cast in one host copy, which JAX then adopts without copying again.
+
+    The copy is 64-byte aligned so that ``jax.device_put`` on CPU aliases it (zero-copy);
+    otherwise JAX would make a second host copy, asynchronously, and on a busy machine the
+    queued copies add up.
+    """
+    src = values.T if transpose else values
+    host = _aligned_empty(src.shape, np.dtype(dtype))
+    np.copyto(host, src, casting="unsafe")
+    del values, src
+    return jax.device_put(host)
+
+
+def _aligned_empty(shape: tuple, dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-ordered array whose data starts on an ``align``-byte boundary."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> Iterable[tuple[tuple, object]]:
