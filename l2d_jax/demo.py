@@ -8,8 +8,9 @@ Stages (each resumable; a rerun with the same ``--out`` skips finished work):
    ``OUT/data/test.jsonl`` (held-out problems), each from its own seed with no shared
    question, from the seeded generator of ``l2d_jax.evaluation.tasks.arithmetic``
    (deterministic: rewritten only when different);
-2. training: ``l2d_jax.train.loop.train`` in ``OUT/train`` (resumes from its checkpoints;
-   skipped when ``OUT/train/export`` exists);
+2. training: ``l2d_jax.train.loop.train`` in ``OUT/train_<run name>`` (resumes from its
+   checkpoints; skipped when its ``export`` exists), then ``OUT/training.png`` (loss curves
+   and the validation loss by t);
 3. evaluation: ``l2d_jax.evaluation.runner.evaluate`` of the trained model on the held-out
    problems at the base model (``ode_steps=0``) and each of ``eval_steps`` grid points (greedy
    tokens, midpoint ODE), writing ``OUT/results.json``, ``OUT/results.md``,
@@ -29,6 +30,7 @@ from l2d_jax.errors import L2DError
 
 DEFAULT_OUT = "l2d_demo"
 DEFAULT_QUICK_OUT = "l2d_demo_quick"
+TRAINING_PNG = "training.png"
 TINY_OVERRIDES = dict(  # toy L2D sizes for random:tiny (as configs/tiny_test.py)
     flow_representation_dim=16, flow_to_lm_hidden_size=16, timestep_modulation_hidden_size=16,
     flow_lora_rank=4, flow_lora_alpha=4.0, max_seq_len=256, seq_len_buckets=(256,))
@@ -190,6 +192,9 @@ def run_demo(out=None, *, config_path=None, overrides: Iterable[str] = (), quick
             raise L2DError(f"training stopped ({result.status} at step {result.step}); run the same "
                            "command again to resume")
     timings["train_s"] = time.perf_counter() - t0
+    from l2d_jax.train.metrics import JSONL, plot_training
+
+    plot_training(workdir / JSONL, out / TRAINING_PNG)
 
     # ------------------------------------------------------------------ evaluation
     from l2d_jax.evaluation import runner
@@ -251,7 +256,8 @@ def _summary(out: Path, res: dict, timings: dict) -> None:
         name = "base model" if lab == "base" else f"L2D, {lab} grid points"
         lines.append(f"  {name:<24} {100 * a:6.2f}%  (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={e.get('n')})")
     lines += ["", f"  results:  {out / 'results.json'}", f"  table:    {out / 'results.md'}",
-              f"  plot:     {out / 'accuracy_vs_steps.png'}", f"  model:    {res.get('workdir')}",
+              f"  plot:     {out / 'accuracy_vs_steps.png'}", f"  training: {out / TRAINING_PNG}",
+              f"  model:    {res.get('workdir')}",
               f"  data:     {out / 'data'}",
               "  time:     " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items())]
     lines += _binned_val_lines(Path(res.get("workdir", ""))) + ["=" * 60]

@@ -81,7 +81,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     t0 = time.perf_counter()
     assert cli.main(["demo", "--out", str(out), *QUICK]) == 0
     first = time.perf_counter() - t0
-    for name in ("results.json", "results.md", "accuracy_vs_steps.png", "data/train.jsonl",
+    for name in ("results.json", "results.md", "accuracy_vs_steps.png", "training.png", "data/train.jsonl",
                  "data/valid.jsonl", "data/test.jsonl"):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())

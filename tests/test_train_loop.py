@@ -308,6 +308,27 @@ def test_jsonl_truncation_and_validation_scalars(tmp_path):
     assert out["val_nstep_loss"] == 1.0 and out["val_nstep_acc_greedy"] == 0.7
 
 
+def test_bin_keys_are_the_originals_names_and_never_merge_bins():
+    assert metrics.bin_keys(10) == [f"t{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)]  # original
+    assert metrics.bin_keys(20)[:2] == ["t0.00-0.05", "t0.05-0.10"]  # one decimal would merge bins
+    for n in (3, 7, 20, 64):
+        keys = metrics.bin_keys(n)
+        assert len(set(keys)) == n and float(keys[-1].split("-")[1]) == 1.0
+    out = metrics.binned_scalars(np.arange(20.0), np.ones(20))
+    assert len([k for k in out if k.startswith("binned_loss/")]) == 20
+
+
+def test_plot_training_png(tmp_path):
+    path = tmp_path / metrics.JSONL
+    assert metrics.plot_training(path, tmp_path / "a.png") is None  # nothing logged yet
+    rows = [{"step": s, "loss": 2.0 / s} for s in range(1, 11)]
+    rows += [{"step": s, "val_loss": 1.0 / s, **metrics.binned_scalars(np.linspace(1, 0.2, 5) / s, np.ones(5), "val_")}
+             for s in (5, 10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = metrics.plot_training(path, tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_logger_without_clu_writes_jsonl_and_warns(tmp_path, monkeypatch, caplog):
     """A bare accelerator image has no clu / TensorFlow: training still logs (console, jsonl)."""
     import builtins

@@ -196,13 +196,20 @@ def validation_scalars(sums: Mapping[str, float], num_t_bins: int = 0, nstep_poi
     return out
 
 
+def bin_keys(num_bins: int) -> list[str]:
+    """``t0.0-0.1``, ... for ``num_bins`` equal bins of [0, 1]: the original's names (one
+    decimal) where they are distinct, more decimals where one would merge bins (20 bins:
+    ``t0.00-0.05``; the original's keys collide there)."""
+    edges = [i / num_bins for i in range(num_bins + 1)]
+    digits = next(d for d in range(1, 8) if len({f"{e:.{d}f}" for e in edges}) == len(edges))
+    return [f"t{a:.{digits}f}-{b:.{digits}f}" for a, b in zip(edges[:-1], edges[1:])]
+
+
 def binned_scalars(loss_sums, counts, prefix: str = "") -> dict:
     """``<prefix>binned_loss/t0.0-0.1`` (mean loss, NaN when empty), ``_ppl`` and ``_count``."""
     loss_sums, counts = np.asarray(loss_sums, np.float64), np.asarray(counts, np.float64)
-    nb = len(counts)
     out = {}
-    for i in range(nb):
-        key = f"t{i / nb:.1f}-{(i + 1) / nb:.1f}"
+    for i, key in enumerate(bin_keys(len(counts))):
         mean = loss_sums[i] / counts[i] if counts[i] > 0 else float("nan")
         out[f"{prefix}binned_loss/{key}"] = float(mean)
         out[f"{prefix}binned_ppl/{key}"] = _exp(mean)
@@ -215,6 +222,48 @@ def _exp(x: float) -> float:
         return math.exp(x)
     except OverflowError:
         return float("inf")
+
+
+def plot_training(metrics_path: str | os.PathLike, png: str | os.PathLike) -> Path | None:
+    """A PNG of a run's ``metrics.jsonl``: training and validation loss vs. step (left) and the
+    validation loss per t bin, one line per validation (right; L2D learns to read x_t where it
+    falls towards t = 1). None when the file holds no loss yet."""
+    rows = read_jsonl(metrics_path) if Path(metrics_path).is_file() else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    binned = [r for r in val if any(k.startswith("val_binned_loss/") for k in r)]
+    fig, axes = plt.subplots(1, 2 if binned else 1, figsize=(12 if binned else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    if train:
+        ax.plot(*zip(*train), lw=1.2, label="training loss")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if binned:
+        ax = axes[0, 1]
+        cmap = plt.get_cmap("viridis")
+        for i, r in enumerate(binned):
+            bins = [(k.split("/", 1)[1], v) for k, v in r.items() if k.startswith("val_binned_loss/")]
+            mids = [sum(float(x) for x in key[1:].split("-")) / 2 for key, _ in bins]
+            ax.plot(mids, [v for _, v in bins], "o-", ms=3, label=f"step {r['step']}",
+                    color=cmap(i / max(len(binned) - 1, 1)))
+        ax.set(xlabel="t (bin centre)", ylabel="validation cross-entropy", xlim=(0, 1),
+               title="validation loss by t")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
 
 
 # --------------------------------------------------------------------------- profiler
