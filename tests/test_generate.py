@@ -153,3 +153,26 @@ def test_a_shared_prefill_gives_what_a_fresh_one_gives(model):
         np.testing.assert_array_equal(shared.tokens, fresh.tokens)
     with pytest.raises(ValueError, match="prefill\\(model, ids, mask, 8, 1\\)"):
         generate(model, ids, mask, ode_steps=4, opts=OPTS, prefilled=pre)
+
+
+def test_cpu_matvec_kernel_is_used_and_decodes_like_xla(model, monkeypatch):
+    """Batch-1 decoding on one CPU device runs the custom-call matmul (l2d_jax/kernels); the
+    tokens equal those of XLA's dots, with and without the flow path."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2d_jax.kernels import cpu_matvec
+
+    if not cpu_matvec.enabled():
+        pytest.skip("no C++ compiler or not a 1-device CPU")
+    one_token = jax.jit(lambda ids: model.base(ids).logits).lower(jnp.zeros((1, 1), jnp.int32)).as_text()
+    assert cpu_matvec.TARGET in one_token
+    i1, m1 = left_pad([PROMPTS[0]], pad_id=0)
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cpu_matvec.ENV_SWITCH, switch)
+        jax.clear_caches()  # the switch is read at trace time
+        runs[switch] = [np.asarray(generate(model, i1, m1, ode_steps=n, opts=OPTS).tokens) for n in (0, 4)]
+    jax.clear_caches()
+    for on, off in zip(runs["1"], runs["0"]):
+        np.testing.assert_array_equal(on, off)

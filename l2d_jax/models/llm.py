@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from l2d_jax.kernels import cpu_matvec
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 
@@ -197,9 +199,10 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., in) @ w (in, out) as one 2-D matmul: (..., out).
 
     Flattening the leading axes keeps the weight gradient a plain x^T @ g; with two
-    contracted axes (B, T) XLA:CPU transposes the output gradient g first.
+    contracted axes (B, T) XLA:CPU transposes the output gradient g first. A few rows
+    (decoding) on a single CPU device go through ``cpu_matvec``.
     """
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + w.shape[1:])
+    return cpu_matvec.matmul(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[1:])
 
 
 class Linear(nnx.Module):
@@ -352,7 +355,9 @@ class LLM(nnx.Module):
         if self.lm_head is None:
             # contract with the (V, H) table as stored: a `.T` here makes XLA materialise
             # the transposed table inside generation's while loop on every step
-            logits = jnp.einsum("...h,vh->...v", x, self.embed_tokens[...].astype(x.dtype))
+            table = self.embed_tokens[...].astype(x.dtype)
+            logits = cpu_matvec.matmul(x.reshape(-1, x.shape[-1]), table, transposed=True)
+            logits = logits.reshape(x.shape[:-1] + table.shape[:1])
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)

@@ -1,0 +1,271 @@
+// Few-row float32 matrix products for XLA:CPU, as an XLA FFI custom call (cpu_matvec.py).
+//
+//   transposed = false: y (M, N) = x (M, K) @ w (K, N)    (Linear kernels, stored (in, out))
+//   transposed = true:  y (M, N) = x (M, K) @ w (N, K)^T  (the tied LM head, the (V, H) table)
+//
+// Batch-1 decoding is a chain of matrix-vector products whose cost is reading the weights
+// once. This kernel reads every weight once, whole rows at a time (the hardware prefetcher's
+// best case), and splits the matrix over a few threads of its own (Pool below).
+//
+// Splits: the (N, K) layout splits the outputs (no reduction); (K, N) splits the columns when
+// N is wide, else the rows of w, each part summing into its own buffer, added up at the end.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void CpuRelax() { _mm_pause(); }
+#else
+static inline void CpuRelax() {}
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTileFloats = 4096;         // M x tile floats of y per row pass (kn): 16 KiB
+constexpr int64_t kMinBytesPerPart = 1 << 16; // do not split below 64 KiB of weights a part
+
+// y[:, n0:n1] (+)= x[:, k0:k1] @ w[k0:k1, n0:n1]; y has leading dimension ldy.
+void AccumulateKN(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                  int64_t k0, int64_t k1, int64_t n0, int64_t n1, int64_t ldy, bool zero) {
+  if (zero)
+    for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.0f);
+  // whole rows when y fits in L1 (M = 1: N <= 4096), else column tiles of 16 KiB of y
+  const int64_t tile = std::max<int64_t>(256, kTileFloats / M);
+  for (int64_t c0 = n0; c0 < n1; c0 += tile) {
+    const int64_t c1 = std::min(n1, c0 + tile);
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+      const float* __restrict w0 = w + k * N;
+      const float* __restrict w1 = w0 + N;
+      const float* __restrict w2 = w1 + N;
+      const float* __restrict w3 = w2 + N;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K + k;
+        const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
+        float* __restrict ym = y + m * ldy;
+#pragma omp simd
+        for (int64_t j = c0; j < c1; ++j) ym[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+      }
+    }
+    for (; k < k1; ++k) {
+      const float* __restrict w0 = w + k * N;
+      for (int64_t m = 0; m < M; ++m) {
+        const float a0 = x[m * K + k];
+        float* __restrict ym = y + m * ldy;
+#pragma omp simd
+        for (int64_t j = c0; j < c1; ++j) ym[j] += a0 * w0[j];
+      }
+    }
+  }
+}
+
+// y[:, n0:n1] = x @ w[n0:n1, :]^T, four rows of w at a time (four independent sums).
+void DotsNK(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+            int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* __restrict w0 = w + n * K;
+    const float* __restrict w1 = w0 + K;
+    const float* __restrict w2 = w1 + K;
+    const float* __restrict w3 = w2 + K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* __restrict xm = x + m * K;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; ++k) {
+        s0 += w0[k] * xm[k];
+        s1 += w1[k] * xm[k];
+        s2 += w2[k] * xm[k];
+        s3 += w3[k] * xm[k];
+      }
+      float* ym = y + m * N + n;
+      ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+    }
+  }
+  for (; n < n1; ++n) {
+    const float* __restrict wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* __restrict xm = x + m * K;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += wr[k] * xm[k];
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// A few worker threads of our own that spin briefly between calls: in a decoding step the
+// products come back to back, microseconds apart, and waking a sleeping thread (XLA's pool,
+// or a condition variable) costs about as much as a whole 576 x 576 product.
+class Pool {
+ public:
+  static Pool& Get() {
+    static Pool* pool = new Pool();  // never destroyed: workers may outlive static teardown
+    return *pool;
+  }
+
+  int64_t threads() const { return static_cast<int64_t>(workers_) + 1; }
+
+  // Runs body(part) for part in [0, parts) on the caller and the workers.
+  template <typename Body>
+  void Run(int64_t parts, const Body& body) {
+    bool expected = false;
+    if (parts <= 1 || workers_ == 0 || !busy_.compare_exchange_strong(expected, true)) {
+      for (int64_t p = 0; p < parts; ++p) body(p);  // single part, or another call holds the pool
+      return;
+    }
+    auto job = std::make_shared<Job>();
+    job->parts = parts;
+    job->body = [&body](int64_t p) { body(p); };
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      current_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    Work(*job);
+    while (job->done.load(std::memory_order_acquire) < parts) CpuRelax();
+    busy_.store(false, std::memory_order_release);
+  }
+
+ private:
+  struct Job {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t parts = 0;
+    std::function<void(int64_t)> body;  // called only for claimed parts: the caller waits for them
+  };
+
+  static void Work(Job& job) {
+    for (int64_t p; (p = job.next.fetch_add(1, std::memory_order_relaxed)) < job.parts;) {
+      job.body(p);
+      job.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  Pool() {
+    int64_t n = 0;
+    if (const char* env = std::getenv("L2D_MATVEC_THREADS")) n = std::atoll(env);
+#if defined(__linux__)
+    if (n <= 0) {
+      cpu_set_t set;
+      if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+    }
+#endif
+    if (n <= 0) n = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    workers_ = static_cast<int>(std::min<int64_t>(n, 64) - 1);
+    for (int i = 0; i < workers_; ++i) std::thread([this] { Loop(); }).detach();
+  }
+
+  void Loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        CpuRelax();
+        if (spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1, std::memory_order_acq_rel);
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = current_;
+        seen = generation_.load(std::memory_order_acquire);
+      }
+      if (job) Work(*job);
+    }
+  }
+
+  static constexpr std::chrono::microseconds kSpin{200};
+  int workers_ = 0;
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> current_;
+};
+
+int64_t Parts(int64_t weight_bytes) {
+  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, Pool::Get().threads());
+}
+
+// Per-thread scratch for the partial sums of a row split (grown, never shrunk).
+float* Scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("l2d_matvec: x and w must be 2-D");
+  const int64_t M = xd[0], K = xd[1];
+  const int64_t N = transposed ? wd[0] : wd[1];
+  if ((transposed ? wd[1] : wd[0]) != K)
+    return ffi::Error::InvalidArgument("l2d_matvec: contracting dimensions differ");
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t parts = Parts(K * N * static_cast<int64_t>(sizeof(float)));
+
+  if (transposed) {  // split the output rows: no reduction
+    Pool::Get().Run(parts, [&](int64_t p) {
+      DotsNK(xp, wp, yp, M, K, N, N * p / parts, N * (p + 1) / parts);
+    });
+  } else if (N >= parts * 1024) {  // wide: split the columns, write y directly
+    Pool::Get().Run(parts, [&](int64_t p) {
+      const int64_t n0 = (N * p / parts) / 16 * 16;
+      const int64_t n1 = p + 1 == parts ? N : (N * (p + 1) / parts) / 16 * 16;
+      AccumulateKN(xp, wp, yp, M, K, N, 0, K, n0, n1, N, /*zero=*/true);
+    });
+  } else {  // narrow: split the rows of w, part 0 into y, the others into scratch, then sum
+    float* partial = parts > 1 ? Scratch((parts - 1) * M * N) : nullptr;
+    Pool::Get().Run(parts, [&](int64_t p) {
+      const int64_t k0 = (K * p / parts) / 4 * 4;
+      const int64_t k1 = p + 1 == parts ? K : (K * (p + 1) / parts) / 4 * 4;
+      float* out = p == 0 ? yp : partial + (p - 1) * M * N;
+      AccumulateKN(xp, wp, out, M, K, N, k0, k1, 0, N, N, /*zero=*/true);
+    });
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* __restrict src = partial + (p - 1) * M * N;
+#pragma omp simd
+      for (int64_t i = 0; i < M * N; ++i) yp[i] += src[i];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(L2dMatvecF32, MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));

@@ -1,0 +1,148 @@
+"""Few-row float32 matrix products on XLA:CPU as an FFI custom call (``cpu_matvec.cc``).
+
+Batch-1 decoding is a chain of matrix-vector products, each bound by reading its weights.
+XLA:CPU's dots reach about two thirds of the host's streaming read bandwidth on them; the
+custom call reads each weight once, row by row, split over the cores, and lifts a decoding
+step of SmolLM2-135M by about a third on the 2-core host (``docs/bench/cpu``).
+
+``matmul(x, w, transposed=...)`` is the only entry point. It uses the kernel when all of these
+hold at trace time, and XLA's dot otherwise (same result up to float32 summation order):
+
+- the default backend is CPU and there is exactly one device (a custom call has no SPMD
+  partitioning rule, so sharded programs keep XLA's dots);
+- ``x`` is (M, K) with 1 <= M <= ``MAX_ROWS``, ``x`` and ``w`` are float32;
+- ``$L2D_CPU_MATVEC`` is not ``0``;
+- the library builds: the first use compiles ``cpu_matvec.cc`` with the host's C++ compiler
+  (``$CXX``, else ``c++``; about 5 s) against ``jax.ffi.include_dir()`` into
+  ``$L2D_JAX_KERNEL_DIR`` (default ``~/.cache/l2d_jax/kernels``), keyed by the source, the
+  JAX version, the flags and the CPU model/flags (it is built with ``-march=native``). Without
+  a compiler it warns once and falls back.
+
+Gradients go through XLA's dots (``custom_vjp``); under ``vmap`` the call runs per example.
+The kernel's threads: ``$L2D_MATVEC_THREADS`` (default: the CPUs this process may run on).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 8  # beyond this XLA's matrix-matrix products are as fast (measured: docs/bench/cpu)
+TARGET = "l2d_cpu_matvec_f32"
+SOURCE = Path(__file__).with_name("cpu_matvec.cc")
+ENV_SWITCH = "L2D_CPU_MATVEC"
+ENV_DIR = "L2D_JAX_KERNEL_DIR"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-pthread", "-w")
+
+
+def _cpu_signature() -> str:
+    """Model name and feature flags of the host CPU (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def library_path() -> Path:
+    """Where the shared library for this source, JAX version and CPU lives (may not exist)."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, " ".join(FLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get(ENV_DIR) or "~/.cache/l2d_jax/kernels").expanduser()
+    return root / f"cpu_matvec-{key}.so"
+
+
+def build(path: Path | None = None) -> Path:
+    """Compiles ``cpu_matvec.cc`` into ``path`` (default ``library_path()``), atomically.
+
+    Raises RuntimeError naming the compiler and its output when it fails."""
+    path = path or library_path()
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, path)  # concurrent builders each write their own file; last one wins
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@functools.cache
+def _load() -> bool:
+    """Builds (once per machine) and registers the custom call; False (warned) if impossible."""
+    try:
+        path = library_path()
+        if not path.exists():
+            build(path)
+        lib = ctypes.CDLL(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.L2dMatvecF32), platform="cpu")
+        return True
+    except (OSError, RuntimeError, AttributeError) as e:
+        warnings.warn(f"CPU matvec kernel unavailable, using XLA's dots ({e}); "
+                      f"set {ENV_SWITCH}=0 to silence this", stacklevel=3)
+        return False
+
+
+def enabled() -> bool:
+    """Whether programs traced now on this process can use the kernel at all."""
+    return (os.environ.get(ENV_SWITCH, "1") != "0" and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and _load())
+
+
+def _usable(x: jax.Array, w: jax.Array) -> bool:
+    return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= MAX_ROWS
+            and x.dtype == jnp.float32 and w.dtype == jnp.float32 and enabled())
+
+
+def _call(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    n = w.shape[0] if transposed else w.shape[1]
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w, transposed=transposed)
+
+
+def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    # contract with w as stored: a `.T` of the (V, H) table would be materialised per call
+    return jnp.einsum("mk,nk->mn", x, w) if transposed else x @ w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    return _call(x, w, transposed)
+
+
+def _kernel_fwd(x, w, transposed):
+    return _call(x, w, transposed), (x, w)
+
+
+def _kernel_bwd(transposed, res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda a, b: _xla(a, b, transposed), x, w)
+    return vjp(g)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
+    """x (M, K) @ w (K, N), or x @ w.T for w (N, K) when ``transposed``: (M, N)."""
+    return _kernel(x, w, transposed) if _usable(x, w) else _xla(x, w, transposed)

@@ -1,0 +1,122 @@
+"""The XLA:CPU few-row matmul custom call (l2d_jax/kernels/cpu_matvec.{py,cc}).
+
+Every test compares against float64 numpy or XLA's own dot, on shapes that hit each split of
+the kernel: narrow (K, N) split over the rows of w (partial sums added up), wide (K, N) split
+over columns, the (N, K) layout split over outputs, sizes that are not multiples of the
+unrolling (4 rows, 16 columns), and matrices too small to split.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2d_jax.kernels import cpu_matvec
+
+pytestmark = pytest.mark.skipif(not cpu_matvec.enabled(), reason="no C++ compiler or not a 1-device CPU")
+
+SHAPES = [(576, 576), (576, 192), (1536, 576), (576, 1536), (576, 8192), (37, 5), (3, 3000), (130, 1)]
+
+
+def _has_custom_call(fn, *args) -> bool:
+    """Traced afresh (a new function each time): the kernel switch is read at trace time."""
+    return cpu_matvec.TARGET in jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_matches_float64(rows, transposed):
+    rng = np.random.default_rng(rows)
+    for k, n in SHAPES:
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+        want = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
+        fn = jax.jit(lambda a, b: cpu_matvec.matmul(a, b, transposed=transposed))
+        got = np.asarray(fn(x, w))
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k), err_msg=f"{(k, n)}")
+    assert _has_custom_call(lambda a, b: cpu_matvec.matmul(a, b, transposed=transposed), x, w)
+
+
+def test_dispatch_rules(monkeypatch):
+    x1 = jnp.ones((1, 64), jnp.float32)
+    w = jnp.ones((64, 32), jnp.float32)
+    mm = cpu_matvec.matmul
+    assert _has_custom_call(mm, x1, w)
+    many = jnp.ones((cpu_matvec.MAX_ROWS + 1, 64), jnp.float32)
+    assert not _has_custom_call(mm, many, w)  # matrix-matrix: XLA's dot
+    assert not _has_custom_call(mm, x1.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    monkeypatch.setenv(cpu_matvec.ENV_SWITCH, "0")
+    assert not _has_custom_call(mm, x1, w)
+
+
+def test_gradient_and_vmap_match_xla():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)
+    for transposed, ww in ((False, w), (True, w.T)):
+        def loss(a, b, f):
+            return jnp.sum(jnp.sin(f(a, b, transposed)))
+
+        got = jax.grad(loss, argnums=(0, 1))(x, ww, lambda a, b, t: cpu_matvec.matmul(a, b, transposed=t))
+        want = jax.grad(loss, argnums=(0, 1))(x, ww, cpu_matvec._xla)
+        for g, h in zip(got, want):
+            np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
+    xs = jnp.asarray(rng.standard_normal((3, 1, 40)), jnp.float32)
+    got = jax.vmap(lambda a: cpu_matvec.matmul(a, w))(xs)
+    np.testing.assert_allclose(got, xs @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_calls_are_correct():
+    """Two host threads run kernel programs at once: one holds the worker pool, the other
+    computes on its own thread; both results stay exact."""
+    rng = np.random.default_rng(1)
+    ws = [jnp.asarray(rng.standard_normal((576, 1536)), jnp.float32) for _ in range(2)]
+    xs = [jnp.asarray(rng.standard_normal((1, 576)), jnp.float32) for _ in range(2)]
+    fn = jax.jit(lambda a, b: cpu_matvec.matmul(a, b))
+    wants = [np.asarray(x, np.float64) @ np.asarray(w, np.float64) for x, w in zip(xs, ws)]
+    errors = []
+
+    def worker(i):
+        for _ in range(50):
+            got = np.asarray(fn(xs[i], ws[i]))
+            if not np.allclose(got, wants[i], rtol=1e-4, atol=1e-3):
+                errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_matvec.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    cpu_matvec._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="(?s)CPU matvec kernel unavailable.*L2D_CPU_MATVEC=0"):
+            assert not cpu_matvec.enabled()
+        x, w = jnp.ones((1, 8), jnp.float32), jnp.ones((8, 4), jnp.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            np.testing.assert_allclose(cpu_matvec.matmul(x, w), np.full((1, 4), 8.0))
+        assert not list(tmp_path.glob("*.so"))  # the failed build left nothing behind
+    finally:
+        cpu_matvec._load.cache_clear()
+    monkeypatch.undo()
+    assert cpu_matvec.enabled()
+
+
+def test_build_is_keyed_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_matvec.ENV_DIR, str(tmp_path))
+    path = cpu_matvec.library_path()
+    assert path.parent == tmp_path and path.name.startswith("cpu_matvec-")
+    assert cpu_matvec.build() == path and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left over
