@@ -52,7 +52,7 @@ the fixed-size cache that attention reads at every step):
 
 ``xla_bytes_main_step`` / ``xla_bytes_flow_eval`` are XLA's ``cost_analysis()["bytes
 accessed"]`` of the compiled one-token ``model.base(...)`` step and ``model.flow_only(...)``
-at batch 1. XLA sums operand and result bytes of every HLO op after fusion, so it also
+at batch 1, compiled with XLA's dots (cost analysis does not see what a custom call reads). XLA sums operand and result bytes of every HLO op after fusion, so it also
 counts intermediates and the rewrite of the KV cache. On CPU it comes out a few percent
 above the parameter-shape counts (SmolLM2-135M, f32, 64 cache slots: main step 558 vs
 541 MB; the flow evaluation compiled on its own runs the modulation heads, 681 MB, where
@@ -430,7 +430,13 @@ class _StepPrograms:
         return self.compiled[name]
 
     def xla_bytes(self, name: str) -> float | None:
-        return _cost_bytes(self.compile(name))
+        """XLA's bytes accessed, compiled with XLA's dots: cost analysis does not see the
+        bytes the CPU matvec custom call reads."""
+        if not cpu_matvec.enabled():
+            return _cost_bytes(self.compile(name))
+        fn, args = self.programs[name]
+        with cpu_matvec.disabled():
+            return _cost_bytes(jax.jit(lambda *a: fn(*a)).lower(*args).compile())
 
     def time_ms(self, name: str, repeats: int = 7) -> float:
         fn, args = self.programs[name]

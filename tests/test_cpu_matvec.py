@@ -51,6 +51,9 @@ def test_dispatch_rules(monkeypatch):
     many = jnp.ones((cpu_matvec.MAX_ROWS + 1, 64), jnp.float32)
     assert not _has_custom_call(mm, many, w)  # matrix-matrix: XLA's dot
     assert not _has_custom_call(mm, x1.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    with cpu_matvec.disabled():
+        assert not _has_custom_call(mm, x1, w)
+    assert _has_custom_call(mm, x1, w)
     monkeypatch.setenv(cpu_matvec.ENV_SWITCH, "0")
     assert not _has_custom_call(mm, x1, w)
 

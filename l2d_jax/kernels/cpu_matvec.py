@@ -11,7 +11,7 @@ hold at trace time, and XLA's dot otherwise (same result up to float32 summation
 - the default backend is CPU and there is exactly one device (a custom call has no SPMD
   partitioning rule, so sharded programs keep XLA's dots);
 - ``x`` is (M, K) with 1 <= M <= ``MAX_ROWS``, ``x`` and ``w`` are float32;
-- ``$L2D_CPU_MATVEC`` is not ``0``;
+- ``$L2D_CPU_MATVEC`` is not ``0`` and no ``disabled()`` block is open;
 - the library builds: the first use compiles ``cpu_matvec.cc`` with the host's C++ compiler
   (``$CXX``, else ``c++``; about 5 s) against ``jax.ffi.include_dir()`` into
   ``$L2D_JAX_KERNEL_DIR`` (default ``~/.cache/l2d_jax/kernels``), keyed by the source, the
@@ -24,6 +24,7 @@ The kernel's threads: ``$L2D_MATVEC_THREADS`` (default: the CPUs this process ma
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,6 +33,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -103,10 +105,25 @@ def _load() -> bool:
         return False
 
 
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Programs traced inside (on this thread) use XLA's dots, e.g. for XLA's cost analysis,
+    which does not see the bytes a custom call reads."""
+    before = getattr(_off, "on", False)
+    _off.on = True
+    try:
+        yield
+    finally:
+        _off.on = before
+
+
 def enabled() -> bool:
-    """Whether programs traced now on this process can use the kernel at all."""
-    return (os.environ.get(ENV_SWITCH, "1") != "0" and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and _load())
+    """Whether programs traced now on this thread can use the kernel at all."""
+    return (os.environ.get(ENV_SWITCH, "1") != "0" and not getattr(_off, "on", False)
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and _load())
 
 
 def _usable(x: jax.Array, w: jax.Array) -> bool:
