@@ -5,26 +5,17 @@
 //
 // Batch-1 decoding is a chain of matrix-vector products whose cost is reading the weights
 // once. This kernel reads every weight once, whole rows at a time (the hardware prefetcher's
-// best case), and splits the matrix over a few threads of its own (Pool below).
+// best case), and splits the matrix over the threads of XLA's own intra-op pool (so it neither
+// oversubscribes the cores nor keeps threads of its own).
 //
 // Splits: the (N, K) layout splits the outputs (no reduction); (K, N) splits the columns when
 // N is wide, else the rows of w, each part summing into its own buffer, added up at the end.
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
-#include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
-
-#if defined(__linux__)
-#include <sched.h>
-#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -112,104 +103,38 @@ void DotsNK(const float* x, const float* w, float* y, int64_t M, int64_t K, int6
   }
 }
 
-// A few worker threads of our own that spin briefly between calls: in a decoding step the
-// products come back to back, microseconds apart, and waking a sleeping thread (XLA's pool,
-// or a condition variable) costs about as much as a whole 576 x 576 product.
-class Pool {
- public:
-  static Pool& Get() {
-    static Pool* pool = new Pool();  // never destroyed: workers may outlive static teardown
-    return *pool;
+// Runs body(part) for part in [0, parts) on the calling thread and XLA's intra-op pool, and
+// returns when all ran. The caller schedules parts - 1 tasks, then claims parts itself (an
+// atomic counter) until none are left: a task that starts late finds nothing to do, so the
+// call never waits on a queued task (no deadlock when the pool is busy). Tasks hold the job
+// by shared_ptr and call body only for a part they claimed, i.e. while the caller waits.
+template <typename Body>
+void ParallelParts(ffi::ThreadPool& pool, int64_t parts, const Body& body) {
+  if (parts <= 1) {
+    body(0);
+    return;
   }
-
-  int64_t threads() const { return static_cast<int64_t>(workers_) + 1; }
-
-  // Runs body(part) for part in [0, parts) on the caller and the workers.
-  template <typename Body>
-  void Run(int64_t parts, const Body& body) {
-    bool expected = false;
-    if (parts <= 1 || workers_ == 0 || !busy_.compare_exchange_strong(expected, true)) {
-      for (int64_t p = 0; p < parts; ++p) body(p);  // single part, or another call holds the pool
-      return;
-    }
-    auto job = std::make_shared<Job>();
-    job->parts = parts;
-    job->body = [&body](int64_t p) { body(p); };
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      current_ = job;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-    Work(*job);
-    while (job->done.load(std::memory_order_acquire) < parts) CpuRelax();
-    busy_.store(false, std::memory_order_release);
-  }
-
- private:
   struct Job {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
-    int64_t parts = 0;
-    std::function<void(int64_t)> body;  // called only for claimed parts: the caller waits for them
   };
-
-  static void Work(Job& job) {
-    for (int64_t p; (p = job.next.fetch_add(1, std::memory_order_relaxed)) < job.parts;) {
-      job.body(p);
-      job.done.fetch_add(1, std::memory_order_release);
+  auto job = std::make_shared<Job>();
+  const Body* fn = &body;
+  auto run = [job, fn, parts]() {
+    for (int64_t p; (p = job->next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
+      (*fn)(p);
+      job->done.fetch_add(1, std::memory_order_release);
     }
-  }
+  };
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule(decltype(run)(run));
+  run();
+  while (job->done.load(std::memory_order_acquire) < parts) CpuRelax();
+}
 
-  Pool() {
-    int64_t n = 0;
-    if (const char* env = std::getenv("L2D_MATVEC_THREADS")) n = std::atoll(env);
-#if defined(__linux__)
-    if (n <= 0) {
-      cpu_set_t set;
-      if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
-    }
-#endif
-    if (n <= 0) n = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    workers_ = static_cast<int>(std::min<int64_t>(n, 64) - 1);
-    for (int i = 0; i < workers_; ++i) std::thread([this] { Loop(); }).detach();
-  }
-
-  void Loop() {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
-    for (;;) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
-        CpuRelax();
-        if (spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
-          std::unique_lock<std::mutex> lock(mu_);
-          sleepers_.fetch_add(1, std::memory_order_acq_rel);
-          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
-        }
-      }
-      std::shared_ptr<Job> job;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        job = current_;
-        seen = generation_.load(std::memory_order_acquire);
-      }
-      if (job) Work(*job);
-    }
-  }
-
-  static constexpr std::chrono::microseconds kSpin{200};
-  int workers_ = 0;
-  std::atomic<bool> busy_{false};
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> sleepers_{0};
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::shared_ptr<Job> current_;
-};
-
-int64_t Parts(int64_t weight_bytes) {
-  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, Pool::Get().threads());
+// One part per pool thread (the caller is one of them), none smaller than kMinBytesPerPart.
+int64_t Parts(ffi::ThreadPool& pool, int64_t weight_bytes) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, threads);
 }
 
 // Per-thread scratch for the partial sums of a row split (grown, never shrunk).
@@ -219,7 +144,7 @@ float* Scratch(int64_t floats) {
   return buffer.data();
 }
 
-ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y, bool transposed) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -232,21 +157,21 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  const int64_t parts = Parts(K * N * static_cast<int64_t>(sizeof(float)));
+  const int64_t parts = Parts(pool, K * N * static_cast<int64_t>(sizeof(float)));
 
   if (transposed) {  // split the output rows: no reduction
-    Pool::Get().Run(parts, [&](int64_t p) {
+    ParallelParts(pool, parts, [&](int64_t p) {
       DotsNK(xp, wp, yp, M, K, N, N * p / parts, N * (p + 1) / parts);
     });
   } else if (N >= parts * 1024) {  // wide: split the columns, write y directly
-    Pool::Get().Run(parts, [&](int64_t p) {
+    ParallelParts(pool, parts, [&](int64_t p) {
       const int64_t n0 = (N * p / parts) / 16 * 16;
       const int64_t n1 = p + 1 == parts ? N : (N * (p + 1) / parts) / 16 * 16;
       AccumulateKN(xp, wp, yp, M, K, N, 0, K, n0, n1, N, /*zero=*/true);
     });
   } else {  // narrow: split the rows of w, part 0 into y, the others into scratch, then sum
     float* partial = parts > 1 ? Scratch((parts - 1) * M * N) : nullptr;
-    Pool::Get().Run(parts, [&](int64_t p) {
+    ParallelParts(pool, parts, [&](int64_t p) {
       const int64_t k0 = (K * p / parts) / 4 * 4;
       const int64_t k1 = p + 1 == parts ? K : (K * (p + 1) / parts) / 4 * 4;
       float* out = p == 0 ? yp : partial + (p - 1) * M * N;
@@ -265,6 +190,7 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(L2dMatvecF32, MatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
