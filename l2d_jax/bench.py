@@ -52,8 +52,9 @@ the fixed-size cache that attention reads at every step):
 
 ``xla_bytes_main_step`` / ``xla_bytes_flow_eval`` are XLA's ``cost_analysis()["bytes
 accessed"]`` of the compiled one-token ``model.base(...)`` step and ``model.flow_only(...)``
-at batch 1, compiled with XLA's dots (cost analysis does not see what a custom call reads). XLA sums operand and result bytes of every HLO op after fusion, so it also
-counts intermediates and the rewrite of the KV cache. On CPU it comes out a few percent
+at batch 1, compiled with XLA's dots (cost analysis does not see what a custom call reads).
+XLA sums operand and result bytes of every HLO op after fusion, so it also counts
+intermediates and the rewrite of the KV cache. On CPU it comes out a few percent
 above the parameter-shape counts (SmolLM2-135M, f32, 64 cache slots: main step 558 vs
 541 MB; the flow evaluation compiled on its own runs the modulation heads, 681 MB, where
 generation reads a table row, 549 MB). On an H200 (XLA GPU, same model) it reported
@@ -212,8 +213,9 @@ def layer_matvec_gbps(model, repeats: int = 7) -> float:
     else XLA's dot) on the base model's own weight matrices at batch 1, one after another
     (each input depends on the previous output, one fused element-wise op between them): the
     speed a decoding step would reach if it were nothing but its matrix-vector products."""
-    from l2d_jax.models.llm import matmul
     from flax import nnx
+
+    from l2d_jax.models.llm import matmul
 
     base = model.base if hasattr(model, "flow") else model
     mats = [w for w in jax.tree.leaves(nnx.state(base.layers, nnx.Param)) if w.ndim == 2]
