@@ -38,6 +38,11 @@ def test_bench_generate_tiny(tiny, machine, tmp_path):
                                   repeats=1, machine=machine, progress=False, model_name="tiny",
                                   profile=False)
     assert MACHINE_KEYS <= set(report["machine"])
+    # measured again at the end (same array size); the bound takes the higher figure
+    end = report["machine"]["bandwidth_at_end"]
+    assert end["array_mb"] == machine["bandwidth"]["array_mb"]
+    bw = report["machine"]["memory_bandwidth_gbps"]
+    assert bw == max(machine["memory_bandwidth_gbps"], end["memory_bandwidth_gbps"])
     for key in ("bytes_main_step", "bytes_flow_eval", "xla_bytes_main_step", "xla_bytes_flow_eval",
                 "layer_matvec_gbps"):
         assert report[key] > 0, key
@@ -48,7 +53,8 @@ def test_bench_generate_tiny(tiny, machine, tmp_path):
     for r in rows:
         assert GENERATE_KEYS <= set(r)
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
-        assert r["bandwidth_bound_tokens_per_s"] > 0
+        assert r["bandwidth_bound_tokens_per_s"] == pytest.approx(r["batch"] * bw * 1e9 / r["bytes_per_step"])
+        assert r["fraction_of_bound"] == pytest.approx(r["decode_tokens_per_s"] / r["bandwidth_bound_tokens_per_s"])
         assert r["layer_matvec_bound_tokens_per_s"] > 0 and r["fraction_of_layer_matvec_bound"] > 0
         assert r["recompiles"] == 0, "ode_steps must be a run-time value"
         if r["ode_steps"] == 0:

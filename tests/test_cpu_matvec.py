@@ -3,7 +3,9 @@
 Every test compares against float64 numpy or XLA's own dot, on shapes that hit each split of
 the kernel: narrow (K, N) split over the rows of w (partial sums added up), wide (K, N) split
 over columns, the (N, K) layout split over outputs, sizes that are not multiples of the
-unrolling (4 rows, 16 columns), and matrices too small to split.
+unrolling (4 rows, 16 columns), and matrices too small to split; and calls with several
+weights that share the input (their columns split as one concatenated matrix, across the
+weights' boundaries).
 """
 
 from __future__ import annotations
@@ -43,6 +45,45 @@ def test_matches_float64(rows, transposed):
     assert _has_custom_call(lambda a, b: cpu_matvec.matmul(a, b, transposed=transposed), x, w)
 
 
+# groups of weights sharing the input: q/k/v (narrow, row split), gate/up + two LoRA A's
+# (wide, column split across weight boundaries), odd sizes, one tiny weight among big ones
+GROUPS = [(576, (576, 192, 192)), (576, (1536, 1536, 32, 32)), (37, (5, 3000, 1)), (130, (1, 7)),
+          (576, (49152 // 16, 576))]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_several_weights_in_one_call_match_float64(rows, transposed):
+    rng = np.random.default_rng(10 + rows)
+    for k, ns in GROUPS:
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        ws = [rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32) for n in ns]
+        fn = jax.jit(lambda a, *b: cpu_matvec.matmuls(a, b, transposed=transposed))
+        hlo = jax.jit(lambda a, *b: cpu_matvec.matmuls(a, b, transposed=transposed)).lower(x, *ws).as_text()
+        assert hlo.count(f"custom_call @{cpu_matvec.TARGET}(") == 1
+        for w, got in zip(ws, fn(x, *ws), strict=True):
+            want = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.sqrt(k),
+                                       err_msg=f"{(k, ns)}")
+
+
+def test_several_weights_gradient_and_errors():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 40)), jnp.float32)
+    ws = tuple(jnp.asarray(rng.standard_normal((40, n)), jnp.float32) for n in (24, 3, 50))
+
+    def loss(a, b, f):
+        return sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(f(a, b)))
+
+    got = jax.grad(loss, argnums=(0, 1))(x, ws, lambda a, b: cpu_matvec.matmuls(a, b))
+    want = jax.grad(loss, argnums=(0, 1))(x, ws, lambda a, b: [a @ w for w in b])
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not contract"):
+        cpu_matvec.matmuls(x, [ws[0], jnp.ones((41, 3), jnp.float32)])
+
+
 def test_dispatch_rules(monkeypatch):
     x1 = jnp.ones((1, 64), jnp.float32)
     w = jnp.ones((64, 32), jnp.float32)
@@ -67,7 +108,7 @@ def test_gradient_and_vmap_match_xla():
             return jnp.sum(jnp.sin(f(a, b, transposed)))
 
         got = jax.grad(loss, argnums=(0, 1))(x, ww, lambda a, b, t: cpu_matvec.matmul(a, b, transposed=t))
-        want = jax.grad(loss, argnums=(0, 1))(x, ww, cpu_matvec._xla)
+        want = jax.grad(loss, argnums=(0, 1))(x, ww, lambda a, b, t: cpu_matvec._xla(a, (b,), t)[0])
         for g, h in zip(got, want):
             np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
     xs = jnp.asarray(rng.standard_normal((3, 1, 40)), jnp.float32)

@@ -5,12 +5,14 @@ XLA:CPU's dots reach about two thirds of the host's streaming read bandwidth on 
 custom call reads each weight once, row by row, split over the cores, and makes batch-1
 decoding of SmolLM2-135M 1.2-1.3x faster on the 2-core host (``docs/bench/cpu``).
 
-``matmul(x, w, transposed=...)`` is the only entry point. It uses the kernel when all of these
-hold at trace time, and XLA's dot otherwise (same result up to float32 summation order):
+``matmuls(x, [w1, w2, ...], transposed=...)`` (several weights that share the input, e.g. q/k/v,
+read in one call) and ``matmul(x, w, transposed=...)`` are the entry points. They use the
+kernel when all of these hold at trace time, and XLA's dots otherwise (same result up to
+float32 summation order):
 
 - the default backend is CPU and there is exactly one device (a custom call has no SPMD
   partitioning rule, so sharded programs keep XLA's dots);
-- ``x`` is (M, K) with 1 <= M <= ``MAX_ROWS``, ``x`` and ``w`` are float32;
+- ``x`` is (M, K) with 1 <= M <= ``MAX_ROWS``, ``x`` and the weights are float32;
 - ``$L2D_CPU_MATVEC`` is not ``0`` and no ``disabled()`` block is open;
 - the library builds: the first use compiles ``cpu_matvec.cc`` with the host's C++ compiler
   (``$CXX``, else ``c++``; about 5 s) against ``jax.ffi.include_dir()`` into
@@ -35,6 +37,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -128,40 +131,52 @@ def enabled() -> bool:
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and _load())
 
 
-def _usable(x: jax.Array, w: jax.Array) -> bool:
-    return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= MAX_ROWS
-            and x.dtype == jnp.float32 and w.dtype == jnp.float32 and enabled())
+def _usable(x: jax.Array, ws: tuple[jax.Array, ...]) -> bool:
+    return (x.ndim == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32
+            and all(w.ndim == 2 and w.dtype == jnp.float32 for w in ws) and enabled())
 
 
-def _call(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    n = w.shape[0] if transposed else w.shape[1]
-    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w, transposed=transposed)
+def _call(x: jax.Array, ws: tuple[jax.Array, ...], transposed: bool) -> tuple[jax.Array, ...]:
+    outs = tuple(jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if transposed else w.shape[1]),
+                                      jnp.float32) for w in ws)
+    return tuple(jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")(x, *ws, transposed=transposed))
 
 
-def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+def _xla(x: jax.Array, ws: tuple[jax.Array, ...], transposed: bool) -> tuple[jax.Array, ...]:
     # contract with w as stored: a `.T` of the (V, H) table would be materialised per call
-    return jnp.einsum("mk,nk->mn", x, w) if transposed else x @ w
+    return tuple(jnp.einsum("mk,nk->mn", x, w) if transposed else x @ w for w in ws)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    return _call(x, w, transposed)
+def _kernel(x: jax.Array, ws: tuple[jax.Array, ...], transposed: bool) -> tuple[jax.Array, ...]:
+    return _call(x, ws, transposed)
 
 
-def _kernel_fwd(x, w, transposed):
-    return _call(x, w, transposed), (x, w)
+def _kernel_fwd(x, ws, transposed):
+    return _call(x, ws, transposed), (x, ws)
 
 
 def _kernel_bwd(transposed, res, g):
-    x, w = res
-    _, vjp = jax.vjp(lambda a, b: _xla(a, b, transposed), x, w)
+    x, ws = res
+    _, vjp = jax.vjp(lambda a, b: _xla(a, b, transposed), x, ws)
     return vjp(g)
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
+def matmuls(x: jax.Array, ws: Sequence[jax.Array], *, transposed: bool = False) -> list[jax.Array]:
+    """[x @ w for w in ws]: x (M, K), each w (K, N_i), or (N_i, K) contracted as x @ w.T when
+    ``transposed``; outputs (M, N_i). The kernel reads all of them in one call (one split over
+    the cores, as if they were one matrix concatenated along N)."""
+    ws = tuple(ws)
+    for w in ws:
+        if w.ndim != 2 or w.shape[1 if transposed else 0] != x.shape[-1]:
+            raise ValueError(f"matmuls: x {x.shape} does not contract with a weight {w.shape} "
+                             f"({'transposed' if transposed else 'not transposed'})")
+    return list(_kernel(x, ws, transposed) if _usable(x, ws) else _xla(x, ws, transposed))
+
+
 def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
     """x (M, K) @ w (K, N), or x @ w.T for w (N, K) when ``transposed``: (M, N)."""
-    return _kernel(x, w, transposed) if _usable(x, w) else _xla(x, w, transposed)
+    return matmuls(x, (w,), transposed=transposed)[0]

@@ -17,6 +17,7 @@ Two entry points:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2d_jax import diffusion
-from l2d_jax.models.llm import LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend, matmul, swiglu
+from l2d_jax.models.llm import (LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend, linears,
+                                matmul)
 from l2d_jax.settings import L2DSettings
 
 FLOW = nnx.PathContains("flow")  # filter: the trainable flow half of an L2DModel
@@ -65,7 +67,8 @@ class MLP(nnx.Module):
 
 
 class LoRA(nnx.Module):
-    """Low-rank delta (x @ A @ B) * alpha / r beside a frozen base projection."""
+    """Low-rank delta (x @ A @ B) * alpha / r beside a frozen base projection (x @ A is taken
+    together with the base projection, ``FlowLayer.project``; ``delta`` does the rest)."""
 
     def __init__(self, din: int, dout: int, rank: int, scale: float, cfg: LLMConfig, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -74,9 +77,9 @@ class LoRA(nnx.Module):
         self.scale = scale
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        return matmul(matmul(x, self.A[...].astype(self.dtype)), self.B[...].astype(self.dtype)) * self.scale
+    def delta(self, xa: jax.Array) -> jax.Array:
+        """(x @ A) (..., r) -> the delta (..., out)."""
+        return matmul(xa.astype(self.dtype), self.B[...].astype(self.dtype)) * self.scale
 
 
 def _modulation_head(c: int, out: int, cfg: LLMConfig, rngs: nnx.Rngs) -> MLP:
@@ -125,14 +128,15 @@ class FlowLayer(nnx.Module):
                         proj.bias[...] = src.bias[...].astype(proj.bias[...].dtype)
             setattr(self, name, nnx.data(proj))
 
-    def project(self, base_layer, name: str, x: jax.Array) -> jax.Array:
-        """The flow stream's projection `name` of x: base, full copy, or base + LoRA."""
-        proj = getattr(self, name)
-        if proj is None:
-            return _base_projection(base_layer, name)(x)
-        if isinstance(proj, LoRA):
-            return _base_projection(base_layer, name)(x) + proj(x)
-        return proj(x)
+    def project(self, base_layer, names: Sequence[str], x: jax.Array) -> list[jax.Array]:
+        """The flow stream's projections ``names`` of one input x (..., in): base, full copy,
+        or base + LoRA each; every weight that reads x (kernels, LoRA A's) in one call."""
+        projs = [getattr(self, name) for name in names]
+        lins = [p if isinstance(p, Linear) else _base_projection(base_layer, n) for n, p in zip(names, projs)]
+        loras = [p for p in projs if isinstance(p, LoRA)]
+        ys = linears(x, lins, [p.A[...] for p in loras])
+        xa = iter(ys[len(lins):])
+        return [y + p.delta(next(xa)) if isinstance(p, LoRA) else y for p, y in zip(projs, ys)]
 
 
 class FlowPath(nnx.Module):
@@ -302,14 +306,14 @@ class L2DModel(nnx.Module):
         b, t, _ = f.shape
         a = base_layer.input_layernorm(f, mod.norm1)
         a = a if mod.shift1 is None else a + mod.shift1
-        q = flow_layer.project(base_layer, "q_proj", a).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        q = apply_rope(q, *rope)
-        o = flow_layer.project(base_layer, "o_proj", attend(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+        (q,) = flow_layer.project(base_layer, ["q_proj"], a)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
+        (o,) = flow_layer.project(base_layer, ["o_proj"], attend(q, k.astype(q.dtype), v.astype(q.dtype), mask))
         f = f + (o if mod.scale1 is None else mod.scale1 * o)
         x = base_layer.post_attention_layernorm(f, mod.norm2)
         x = x if mod.shift2 is None else x + mod.shift2
-        m = swiglu(*(lambda y, n=n: flow_layer.project(base_layer, n, y)
-                     for n in ("gate_proj", "up_proj", "down_proj")), x)
+        gate, up = flow_layer.project(base_layer, ["gate_proj", "up_proj"], x)
+        (m,) = flow_layer.project(base_layer, ["down_proj"], jax.nn.silu(gate) * up)  # SwiGLU
         return f + (m if mod.scale2 is None else mod.scale2 * m)
 
     # ------------------------------------------------------------------ entry points

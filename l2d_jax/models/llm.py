@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -195,14 +196,20 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., in) @ w (in, out) as one 2-D matmul: (..., out).
+def matmuls(x: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
+    """[x @ w for w in ws]: x (..., in), each w (in, out_i), as 2-D matmuls: (..., out_i).
 
     Flattening the leading axes keeps the weight gradient a plain x^T @ g; with two
     contracted axes (B, T) XLA:CPU transposes the output gradient g first. A few rows
-    (decoding) on a single CPU device go through ``cpu_matvec``.
+    (decoding) on a single CPU device go through ``cpu_matvec``, all of ``ws`` in one call.
     """
-    return cpu_matvec.matmul(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + w.shape[1:])
+    ys = cpu_matvec.matmuls(x.reshape(-1, x.shape[-1]), ws)
+    return [y.reshape(x.shape[:-1] + y.shape[-1:]) for y in ys]
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., in) @ w (in, out): (..., out), as ``matmuls``."""
+    return matmuls(x, [w])[0]
 
 
 class Linear(nnx.Module):
@@ -216,10 +223,18 @@ class Linear(nnx.Module):
         self.dtype = _dtype(cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        return linears(x, [self])[0]
+
+
+def linears(x: jax.Array, layers: Sequence[Linear], extra: Sequence[jax.Array] = ()) -> list[jax.Array]:
+    """[layer(x) for layer in layers] + [x @ w for w in extra], as one ``matmuls`` call (for
+    projections that read the same input: q/k/v, gate/up, a LoRA's A). x (..., in); all in
+    the first layer's compute dtype."""
+    dtype = layers[0].dtype
+    ws = [layer.kernel[...] for layer in layers] + list(extra)
+    ys = matmuls(x.astype(dtype), [w.astype(dtype) for w in ws])
+    out = [y if layer.bias is None else y + layer.bias[...].astype(dtype) for layer, y in zip(layers, ys)]
+    return out + ys[len(layers):]
 
 
 class RMSNorm(nnx.Module):
@@ -248,11 +263,6 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(h, m, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
         self.up_proj = Linear(h, m, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
         self.down_proj = Linear(m, h, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
-
-
-def swiglu(gate, up, down, x: jax.Array) -> jax.Array:
-    """down(silu(gate(x)) * up(x)) for any three callables."""
-    return down(jax.nn.silu(gate(x)) * up(x))
 
 
 class Modulation(NamedTuple):
@@ -300,9 +310,10 @@ class DecoderLayer(nnx.Module):
         b, t, _ = h.shape
         x = self.input_layernorm(h, None if mod is None else mod.norm1)
         x = _shift(x, None if mod is None else mod.shift1)
-        q = attn.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = attn.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = linears(x, [attn.q_proj, attn.k_proj, attn.v_proj])
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             cache = write_kv(cache, layer, k, v, cache_index)
@@ -311,7 +322,8 @@ class DecoderLayer(nnx.Module):
         h = h + _scale(o, None if mod is None else mod.scale1)
         x = self.post_attention_layernorm(h, None if mod is None else mod.norm2)
         x = _shift(x, None if mod is None else mod.shift2)
-        m = swiglu(self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj, x)
+        gate, up = linears(x, [self.mlp.gate_proj, self.mlp.up_proj])
+        m = self.mlp.down_proj(jax.nn.silu(gate) * up)  # SwiGLU
         return h + _scale(m, None if mod is None else mod.scale2), cache, k, v
 
 
