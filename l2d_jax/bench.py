@@ -64,21 +64,21 @@ in the CPU HLO of the decoding loop and removed on 2026-12-04); not re-measured 
 since, and an HLO dump on the GPU would tell what remains.
 
 ``layer_matvec_gbps`` (``layer_matvec_gbps``): what the model's matmul reaches on the base
-model's own weight matrices at batch 1, chained as in a decoding step with nothing else in
-between; ``layer_matvec_bound_tokens_per_s`` / ``fraction_of_layer_matvec_bound`` use it
-instead of the streaming bandwidth: the second figure says how much a step loses to
-everything that is not a matrix product.
+model's own weight matrices at batch 1, chained in the groups a decoding step reads them in
+(q/k/v, o, gate/up, down) with nothing else in between; ``layer_matvec_bound_tokens_per_s``
+/ ``fraction_of_layer_matvec_bound`` use it instead of the streaming bandwidth: the second
+figure says how much a step loses to everything that is not a matrix product.
 
 ``memory_bandwidth_gbps`` is the best of the streaming kernels over a >= 256 MB float32 array
 on the default device, each the median of several runs, measured at the start
-(``machine.bandwidth``) and again at the end of the run (``machine.bandwidth_at_end``;
-a shared host's bandwidth drifts, and the bound takes the higher of the two): ``x + 1`` (read + write bytes /
-time), ``sum(x)`` (read), XLA's matrix-vector product ``W @ v`` (read) and, on CPU,
-``l2d_jax.kernels.cpu_matvec`` on the same ``W`` (read). All are recorded under
+(``machine.bandwidth``) and again at the end of the run (``machine.bandwidth_at_end``; a
+shared host's bandwidth drifts, and the bound takes the higher of the two): ``x + 1`` (read
++ write bytes / time), ``sum(x)`` (read), XLA's matrix-vector product ``W @ v`` (read) and,
+on CPU, ``l2d_jax.kernels.cpu_matvec`` on the same ``W`` (read). All are recorded under
 ``machine.bandwidth``; taking the best keeps the bound honest whichever reads fastest.
 
 On CPU, batch <= 8 matmuls in float32 run ``l2d_jax.kernels.cpu_matvec`` (a custom call that
-reads the weights at close to the streaming rate, where XLA's dots lose about a quarter);
+reads the chained layer weights at 70-90 % of the streaming rate, XLA's dots at about half);
 ``machine.cpu_matvec_kernel`` says whether it was on. ``L2D_CPU_MATVEC=0`` measures XLA's
 dots instead.
 """

@@ -1,9 +1,9 @@
 """Few-row float32 matrix products on XLA:CPU as an FFI custom call (``cpu_matvec.cc``).
 
 Batch-1 decoding is a chain of matrix-vector products, each bound by reading its weights.
-XLA:CPU's dots reach about two thirds of the host's streaming read bandwidth on them; the
-custom call reads each weight once, row by row, split over the cores, and makes batch-1
-decoding of SmolLM2-135M 1.2-1.3x faster on the 2-core host (``docs/bench/cpu``).
+XLA:CPU's dots reach about half to two thirds of the host's streaming read bandwidth on
+them; the custom call reads each weight once, row by row, split over the cores, and makes
+batch-1 decoding of SmolLM2-135M 1.4-1.5x faster on the 2-core host (``docs/bench/cpu``).
 
 ``matmuls(x, [w1, w2, ...], transposed=...)`` (several weights that share the input, e.g. q/k/v,
 read in one call) and ``matmul(x, w, transposed=...)`` are the entry points. They use the
