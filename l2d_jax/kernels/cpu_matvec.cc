@@ -192,7 +192,8 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
   }
   const float* xp = x.typed_data();
   const int64_t parts = Parts(pool, K * total * static_cast<int64_t>(sizeof(float)));
-  // part p's share of the concatenated columns, rounded to 16 (the last part takes the rest)
+  // part p's share of the concatenated columns, cut at multiples of `round` (the last part
+  // takes the rest)
   auto columns = [&](int64_t p, int64_t round) {
     const int64_t v0 = (total * p / parts) / round * round;
     const int64_t v1 = p + 1 == parts ? total : (total * (p + 1) / parts) / round * round;
