@@ -59,7 +59,7 @@ def test_several_weights_in_one_call_match_float64(rows, transposed):
         x = rng.standard_normal((rows, k)).astype(np.float32)
         ws = [rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32) for n in ns]
         fn = jax.jit(lambda a, *b: cpu_matvec.matmuls(a, b, transposed=transposed))
-        hlo = jax.jit(lambda a, *b: cpu_matvec.matmuls(a, b, transposed=transposed)).lower(x, *ws).as_text()
+        hlo = fn.lower(x, *ws).as_text()
         assert hlo.count(f"custom_call @{cpu_matvec.TARGET}(") == 1
         for w, got in zip(ws, fn(x, *ws), strict=True):
             want = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
