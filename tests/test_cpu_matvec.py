@@ -30,31 +30,18 @@ def _has_custom_call(fn, *args) -> bool:
     return cpu_matvec.TARGET in jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
 
 
+# groups of weights sharing the input: q/k/v (narrow, row split), gate/up + two LoRA A's
+# (wide, column split across weight boundaries), odd sizes, one tiny weight among big ones;
+# and every single shape as a group of one
+GROUPS = [(576, (576, 192, 192)), (576, (1536, 1536, 32, 32)), (37, (5, 3000, 1)), (130, (1, 7)),
+          (576, (49152 // 16, 576))] + [(k, (n,)) for k, n in SHAPES]
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_matches_float64(rows, transposed):
+    """Each group is one custom call; every output matches float64."""
     rng = np.random.default_rng(rows)
-    for k, n in SHAPES:
-        x = rng.standard_normal((rows, k)).astype(np.float32)
-        w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
-        want = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
-        fn = jax.jit(lambda a, b: cpu_matvec.matmul(a, b, transposed=transposed))
-        got = np.asarray(fn(x, w))
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k), err_msg=f"{(k, n)}")
-    assert _has_custom_call(lambda a, b: cpu_matvec.matmul(a, b, transposed=transposed), x, w)
-
-
-# groups of weights sharing the input: q/k/v (narrow, row split), gate/up + two LoRA A's
-# (wide, column split across weight boundaries), odd sizes, one tiny weight among big ones
-GROUPS = [(576, (576, 192, 192)), (576, (1536, 1536, 32, 32)), (37, (5, 3000, 1)), (130, (1, 7)),
-          (576, (49152 // 16, 576))]
-
-
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_several_weights_in_one_call_match_float64(rows, transposed):
-    rng = np.random.default_rng(10 + rows)
     for k, ns in GROUPS:
         x = rng.standard_normal((rows, k)).astype(np.float32)
         ws = [rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32) for n in ns]
