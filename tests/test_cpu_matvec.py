@@ -3,7 +3,7 @@
 Every test compares against float64 numpy or XLA's own dot, on shapes that hit each split of
 the kernel: narrow (K, N) split over the rows of w (partial sums added up), wide (K, N) split
 over columns, the (N, K) layout split over outputs, sizes that are not multiples of the
-unrolling (4 rows, 16 columns), and matrices too small to split; and calls with several
+unrolling (4 or 8 rows, 16 columns), and matrices too small to split; and calls with several
 weights that share the input (their columns split as one concatenated matrix, across the
 weights' boundaries).
 """

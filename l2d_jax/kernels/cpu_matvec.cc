@@ -74,27 +74,26 @@ void AccumulateKN(const float* x, const float* w, float* y, int64_t M, int64_t K
   }
 }
 
-// y[:, n0:n1] = x @ w[n0:n1, :]^T, four rows of w at a time (four independent sums).
+// y[:, n0:n1] = x @ w[n0:n1, :]^T, eight rows of w at a time: eight independent sums, each a
+// vector accumulator, keep the FMA units busy while the rows stream in (four sums leave the
+// loop latency-bound: 0.6x the reading speed of eight on cached (576-wide) rows, ~8 % slower on
+// the LM head from memory).
 void DotsNK(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
             int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const float* __restrict w0 = w + n * K;
-    const float* __restrict w1 = w0 + K;
-    const float* __restrict w2 = w1 + K;
-    const float* __restrict w3 = w2 + K;
+  for (; n + 8 <= n1; n += 8) {
+    const float* __restrict r = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* __restrict xm = x + m * K;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
       for (int64_t k = 0; k < K; ++k) {
-        s0 += w0[k] * xm[k];
-        s1 += w1[k] * xm[k];
-        s2 += w2[k] * xm[k];
-        s3 += w3[k] * xm[k];
+        const float a = xm[k];
+        s0 += r[k] * a, s1 += r[K + k] * a, s2 += r[2 * K + k] * a, s3 += r[3 * K + k] * a;
+        s4 += r[4 * K + k] * a, s5 += r[5 * K + k] * a, s6 += r[6 * K + k] * a, s7 += r[7 * K + k] * a;
       }
       float* ym = y + m * N + n;
-      ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+      ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3, ym[4] = s4, ym[5] = s5, ym[6] = s6, ym[7] = s7;
     }
   }
   for (; n < n1; ++n) {
