@@ -75,9 +75,9 @@ if (( ${#APT_PKGS[@]} )); then
   fi
 fi
 
-# Build the CPU matvec kernel now (cached per machine) rather than on first use.
-if ! "$PY" -c "from l2d_jax.kernels import cpu_matvec; print(cpu_matvec.build())" >/dev/null; then
-  log "WARNING: the CPU matvec kernel did not build; batch-1 CPU decoding will use XLA's dots"
+# Build the CPU kernels now (cached per machine) rather than on first use.
+if ! "$PY" -c "from l2d_jax.kernels import library; print(library.build())" >/dev/null; then
+  log "WARNING: the CPU kernels did not build; CPU decoding will use XLA's dots and attention"
 fi
 
 log "done in $(( $(date +%s) - START ))s"

@@ -78,9 +78,10 @@ on CPU, ``l2d_jax.kernels.cpu_matvec`` on the same ``W`` (read). All are recorde
 ``machine.bandwidth``; taking the best keeps the bound honest whichever reads fastest.
 
 On CPU, batch <= 8 matmuls in float32 run ``l2d_jax.kernels.cpu_matvec`` (a custom call that
-reads the chained layer weights at 70-90 % of the streaming rate, XLA's dots at about half);
-``machine.cpu_matvec_kernel`` says whether it was on. ``L2D_CPU_MATVEC=0`` measures XLA's
-dots instead.
+reads the chained layer weights at 70-90 % of the streaming rate, XLA's dots at about half)
+and attention over the KV cache runs ``l2d_jax.kernels.cpu_attention`` (reads the stacked
+cache in place); ``machine.cpu_matvec_kernel`` / ``machine.cpu_attention_kernel`` say whether
+they were on. ``L2D_CPU_MATVEC=0`` / ``L2D_CPU_ATTENTION=0`` measure XLA's ops instead.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2d_jax.kernels import cpu_matvec
+from l2d_jax.kernels import cpu_attention, cpu_matvec, library
 
 # The original PyTorch implementation (SakanaAI/L2D), measured on this machine kind (2 CPU
 # cores, float32, SmolLM2-135M-Instruct with the released LoRA settings, batch 1); figures
@@ -272,6 +273,7 @@ def machine_info(bandwidth: bool = True) -> dict:
         "persistent_compilation_cache": bool(jax.config.jax_enable_compilation_cache
                                              and jax.config.jax_compilation_cache_dir),
         "cpu_matvec_kernel": cpu_matvec.enabled(),  # batch <= MAX_ROWS matmuls (l2d_jax/kernels)
+        "cpu_attention_kernel": cpu_attention.enabled(),  # decoding attention (l2d_jax/kernels)
     }
     try:
         import flax
@@ -440,10 +442,10 @@ class _StepPrograms:
     def xla_bytes(self, name: str) -> float | None:
         """XLA's bytes accessed, compiled with XLA's dots: cost analysis does not see the
         bytes the CPU matvec custom call reads."""
-        if not cpu_matvec.enabled():
+        if not (cpu_matvec.enabled() or cpu_attention.enabled()):
             return _cost_bytes(self.compile(name))
         fn, args = self.programs[name]
-        with cpu_matvec.disabled():
+        with library.disabled():
             return _cost_bytes(jax.jit(lambda *a: fn(*a)).lower(*args).compile())
 
     def time_ms(self, name: str, repeats: int = 7) -> float:

@@ -98,7 +98,7 @@ class Prefilled(NamedTuple):
     ``prefill`` once and reusable by any number of ``generate`` calls (step counts, guidance
     weights, samplers): decoding never writes into it."""
 
-    cache: dict  # {"k", "v"} (L, B, P + N, Hkv, hd)
+    cache: dict  # {"k", "v"} (L, B, Hkv, P + N, hd)
     kv_valid: jax.Array  # (B, P + N) bool: real prompt tokens (new slots start False)
     h_last: jax.Array  # (B, 1, H) main-stream h_L of the last prompt position
     position: jax.Array  # (B,) RoPE position of the last prompt token

@@ -11,14 +11,13 @@ weights' boundaries).
 from __future__ import annotations
 
 import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2d_jax.kernels import cpu_matvec
+from l2d_jax.kernels import cpu_matvec, library
 
 pytestmark = pytest.mark.skipif(not cpu_matvec.enabled(), reason="no C++ compiler or not a 1-device CPU")
 
@@ -79,7 +78,7 @@ def test_dispatch_rules(monkeypatch):
     many = jnp.ones((cpu_matvec.MAX_ROWS + 1, 64), jnp.float32)
     assert not _has_custom_call(mm, many, w)  # matrix-matrix: XLA's dot
     assert not _has_custom_call(mm, x1.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    with cpu_matvec.disabled():
+    with library.disabled():
         assert not _has_custom_call(mm, x1, w)
     assert _has_custom_call(mm, x1, w)
     monkeypatch.setenv(cpu_matvec.ENV_SWITCH, "0")
@@ -125,29 +124,3 @@ def test_concurrent_calls_are_correct():
     for t in threads:
         t.join()
     assert not errors
-
-
-def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setenv(cpu_matvec.ENV_DIR, str(tmp_path))
-    monkeypatch.setenv("CXX", "/bin/false")
-    cpu_matvec._load.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="(?s)CPU matvec kernel unavailable.*L2D_CPU_MATVEC=0"):
-            assert not cpu_matvec.enabled()
-        x, w = jnp.ones((1, 8), jnp.float32), jnp.ones((8, 4), jnp.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            np.testing.assert_allclose(cpu_matvec.matmul(x, w), np.full((1, 4), 8.0))
-        assert not list(tmp_path.glob("*.so"))  # the failed build left nothing behind
-    finally:
-        cpu_matvec._load.cache_clear()
-    monkeypatch.undo()
-    assert cpu_matvec.enabled()
-
-
-def test_build_is_keyed_and_atomic(tmp_path, monkeypatch):
-    monkeypatch.setenv(cpu_matvec.ENV_DIR, str(tmp_path))
-    path = cpu_matvec.library_path()
-    assert path.parent == tmp_path and path.name.startswith("cpu_matvec-")
-    assert cpu_matvec.build() == path and path.is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left over

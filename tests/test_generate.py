@@ -155,24 +155,32 @@ def test_a_shared_prefill_gives_what_a_fresh_one_gives(model):
         generate(model, ids, mask, ode_steps=4, opts=OPTS, prefilled=pre)
 
 
-def test_cpu_matvec_kernel_is_used_and_decodes_like_xla(model, monkeypatch):
-    """Batch-1 decoding on one CPU device runs the custom-call matmul (l2d_jax/kernels), one
-    call per group of projections that share their input (q/k/v, o, gate/up, down) and one for
-    the LM head; the tokens equal those of XLA's dots, with and without the flow path."""
+def test_cpu_kernels_are_used_and_decode_like_xla(model, monkeypatch):
+    """Batch-1 decoding on one CPU device runs the custom calls of l2d_jax/kernels: one matmul
+    per group of projections that share their input (q/k/v, o, gate/up, down) and one for the
+    LM head, and one attention per layer reading the stacked cache; the tokens equal those of
+    XLA's dots and attention, with and without the flow path."""
     import jax
     import jax.numpy as jnp
 
-    from l2d_jax.kernels import cpu_matvec
+    from l2d_jax.kernels import cpu_attention, cpu_matvec
+    from l2d_jax.models.llm import init_cache
 
-    if not cpu_matvec.enabled():
+    if not (cpu_matvec.enabled() and cpu_attention.enabled()):
         pytest.skip("no C++ compiler or not a 1-device CPU")
-    one_token = jax.jit(lambda ids: model.base(ids).logits).lower(jnp.zeros((1, 1), jnp.int32)).as_text()
-    assert one_token.count(f"custom_call @{cpu_matvec.TARGET}(") == 4 * model.base.cfg.num_layers + 1
+    cfg = model.base.cfg
+    one = jnp.zeros((1, 1), jnp.int32)
+    step = jax.jit(lambda ids, c: model.base(ids, one, cache=c, cache_index=0,
+                                             kv_valid=jnp.ones((1, 8), bool)).logits)
+    hlo = step.lower(one, init_cache(cfg, 1, 8)).as_text()
+    assert hlo.count(f"custom_call @{cpu_matvec.TARGET}(") == 4 * cfg.num_layers + 1
+    assert hlo.count(f"custom_call @{cpu_attention.TARGET}(") == cfg.num_layers
     i1, m1 = left_pad([PROMPTS[0]], pad_id=0)
     runs = {}
     for switch in ("1", "0"):
         monkeypatch.setenv(cpu_matvec.ENV_SWITCH, switch)
-        jax.clear_caches()  # the switch is read at trace time
+        monkeypatch.setenv(cpu_attention.ENV_SWITCH, switch)
+        jax.clear_caches()  # the switches are read at trace time
         runs[switch] = [np.asarray(generate(model, i1, m1, ode_steps=n, opts=OPTS).tokens) for n in (0, 4)]
     jax.clear_caches()
     for on, off in zip(runs["1"], runs["0"]):

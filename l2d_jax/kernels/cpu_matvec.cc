@@ -9,27 +9,19 @@
 //
 // Batch-1 decoding is a chain of matrix-vector products whose cost is reading the weights
 // once. This kernel reads every weight once, whole rows at a time (the hardware prefetcher's
-// best case), and splits the work over the threads of XLA's own intra-op pool (so it neither
-// oversubscribes the cores nor keeps threads of its own).
+// best case), and splits the work over the threads of XLA's own intra-op pool (parallel.h: it
+// neither oversubscribes the cores nor keeps threads of its own).
 //
 // Splits: the (N, K) layout splits the outputs (no reduction); (K, N) splits the columns when
 // the N_i add up to a wide matrix, else the rows, each part summing into its own buffer,
 // added up at the end.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-static inline void CpuRelax() { _mm_pause(); }
-#else
-static inline void CpuRelax() {}
-#endif
-
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -108,38 +100,9 @@ void DotsNK(const float* x, const float* w, float* y, int64_t M, int64_t K, int6
   }
 }
 
-// Runs body(part) for part in [0, parts) on the calling thread and XLA's intra-op pool, and
-// returns when all ran. The caller schedules parts - 1 tasks, then claims parts itself (an
-// atomic counter) until none are left: a task that starts late finds nothing to do, so the
-// call never waits on a queued task (no deadlock when the pool is busy). Tasks hold the job
-// by shared_ptr and call body only for a part they claimed, i.e. while the caller waits.
-template <typename Body>
-void ParallelParts(ffi::ThreadPool& pool, int64_t parts, const Body& body) {
-  if (parts <= 1) {
-    body(0);
-    return;
-  }
-  struct Job {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto job = std::make_shared<Job>();
-  const Body* fn = &body;
-  auto run = [job, fn, parts]() {
-    for (int64_t p; (p = job->next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
-      (*fn)(p);
-      job->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule(decltype(run)(run));
-  run();
-  while (job->done.load(std::memory_order_acquire) < parts) CpuRelax();
-}
-
 // One part per pool thread (the caller is one of them), none smaller than kMinBytesPerPart.
 int64_t Parts(ffi::ThreadPool& pool, int64_t weight_bytes) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, threads);
+  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, l2d::PoolThreads(pool));
 }
 
 // Per-thread scratch for the partial sums of a row split (grown, never shrunk).
@@ -200,14 +163,14 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
   };
 
   if (transposed) {  // split the output rows: no reduction
-    ParallelParts(pool, parts, [&](int64_t p) {
+    l2d::ParallelFor(pool, parts, parts, [&](int64_t p) {
       const auto [v0, v1] = columns(p, 1);
       ForColumns(blocks, v0, v1, [&](const Block& b, int64_t n0, int64_t n1) {
         DotsNK(xp, b.w, b.y, M, K, b.n, n0, n1);
       });
     });
   } else if (total >= parts * 1024) {  // wide: split the columns, write y directly
-    ParallelParts(pool, parts, [&](int64_t p) {
+    l2d::ParallelFor(pool, parts, parts, [&](int64_t p) {
       const auto [v0, v1] = columns(p, 16);
       ForColumns(blocks, v0, v1, [&](const Block& b, int64_t n0, int64_t n1) {
         AccumulateKN(xp, b.w, b.y, M, K, b.n, 0, K, n0, n1, b.n, /*zero=*/true);
@@ -215,7 +178,7 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
     });
   } else {  // narrow: split the rows of w, part 0 into y, the others into scratch, then sum
     float* partial = parts > 1 ? Scratch((parts - 1) * M * total) : nullptr;
-    ParallelParts(pool, parts, [&](int64_t p) {
+    l2d::ParallelFor(pool, parts, parts, [&](int64_t p) {
       const int64_t k0 = (K * p / parts) / 4 * 4;
       const int64_t k1 = p + 1 == parts ? K : (K * (p + 1) / parts) / 4 * 4;
       for (const Block& b : blocks) {

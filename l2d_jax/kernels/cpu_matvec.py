@@ -13,12 +13,8 @@ float32 summation order):
 - the default backend is CPU and there is exactly one device (a custom call has no SPMD
   partitioning rule, so sharded programs keep XLA's dots);
 - ``x`` is (M, K) with 1 <= M <= ``MAX_ROWS``, ``x`` and the weights are float32;
-- ``$L2D_CPU_MATVEC`` is not ``0`` and no ``disabled()`` block is open;
-- the library builds: the first use compiles ``cpu_matvec.cc`` with the host's C++ compiler
-  (``$CXX``, else ``c++``; about 5 s) against ``jax.ffi.include_dir()`` into
-  ``$L2D_JAX_KERNEL_DIR`` (default ``~/.cache/l2d_jax/kernels``), keyed by the source, the
-  JAX version, the flags and the CPU model/flags (it is built with ``-march=native``). Without
-  a compiler it warns once and falls back.
+- ``$L2D_CPU_MATVEC`` is not ``0`` and the kernel library is available (``library.py``: a
+  single CPU device, the library builds, no ``library.disabled()`` block is open).
 
 Gradients go through XLA's dots (``custom_vjp``); under ``vmap`` the call runs per example.
 The kernel splits each matrix over XLA's intra-op thread pool (no threads of its own).
@@ -26,109 +22,24 @@ The kernel splits each matrix over XLA's intra-op thread pool (no threads of its
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from l2d_jax.kernels import library
 
 # Measured on the 2-core host on the SmolLM2 layer shapes: ahead of XLA's dot at 1, 2, 4 and 8
 # rows (1.1-1.4x); more rows turn compute-bound, where XLA's matrix-matrix products belong.
 MAX_ROWS = 8
 TARGET = "l2d_cpu_matvec_f32"
-SOURCE = Path(__file__).with_name("cpu_matvec.cc")
 ENV_SWITCH = "L2D_CPU_MATVEC"
-ENV_DIR = "L2D_JAX_KERNEL_DIR"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-pthread", "-w")
-
-
-def _cpu_signature() -> str:
-    """Model name and feature flags of the host CPU (what -march=native compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine() + platform.processor()
-    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(dict.fromkeys(keep))
-
-
-def library_path() -> Path:
-    """Where the shared library for this source, JAX version and CPU lives (may not exist)."""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, " ".join(FLAGS),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get(ENV_DIR) or "~/.cache/l2d_jax/kernels").expanduser()
-    return root / f"cpu_matvec-{key}.so"
-
-
-def build(path: Path | None = None) -> Path:
-    """Compiles ``cpu_matvec.cc`` into ``path`` (default ``library_path()``), atomically.
-
-    Raises RuntimeError naming the compiler and its output when it fails."""
-    path = path or library_path()
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, path)  # concurrent builders each write their own file; last one wins
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-@functools.cache
-def _load() -> bool:
-    """Builds (once per machine) and registers the custom call; False (warned) if impossible."""
-    try:
-        path = library_path()
-        if not path.exists():
-            build(path)
-        lib = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.L2dMatvecF32), platform="cpu")
-        return True
-    except (OSError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"CPU matvec kernel unavailable, using XLA's dots ({e}); "
-                      f"set {ENV_SWITCH}=0 to silence this", stacklevel=3)
-        return False
-
-
-_off = threading.local()
-
-
-@contextlib.contextmanager
-def disabled():
-    """Programs traced inside (on this thread) use XLA's dots, e.g. for XLA's cost analysis,
-    which does not see the bytes a custom call reads."""
-    before = getattr(_off, "on", False)
-    _off.on = True
-    try:
-        yield
-    finally:
-        _off.on = before
 
 
 def enabled() -> bool:
     """Whether programs traced now on this thread can use the kernel at all."""
-    return (os.environ.get(ENV_SWITCH, "1") != "0" and not getattr(_off, "on", False)
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and _load())
+    return library.available(ENV_SWITCH)
 
 
 def _usable(x: jax.Array, ws: tuple[jax.Array, ...]) -> bool:

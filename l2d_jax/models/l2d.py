@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2d_jax import diffusion
-from l2d_jax.models.llm import (LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend, linears,
+from l2d_jax.models.llm import (LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend_kv, linears,
                                 matmul)
 from l2d_jax.settings import L2DSettings
 
@@ -299,16 +299,17 @@ class L2DModel(nnx.Module):
             x = x.astype(in_dtype)
         return x if self.flow.flow_to_lm is None else self.flow.flow_to_lm(x)
 
-    def flow_layer(self, i: int, f: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+    def flow_layer(self, i: int, f: jax.Array, kv: dict | tuple[jax.Array, jax.Array], mask: jax.Array,
                    rope, mod: Modulation) -> jax.Array:
-        """One layer of the flow stream. f (B, T, H); k/v: the main stream's (B, S, Hkv, hd)."""
+        """One layer of the flow stream. f (B, T, H); kv: the main stream's keys/values, the
+        stacked cache or this layer's (k, v) (``llm.attend_kv``)."""
         cfg, base_layer, flow_layer = self.cfg, self.base.layers[i], self.flow.layers[i]
         b, t, _ = f.shape
         a = base_layer.input_layernorm(f, mod.norm1)
         a = a if mod.shift1 is None else a + mod.shift1
         (q,) = flow_layer.project(base_layer, ["q_proj"], a)
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
-        (o,) = flow_layer.project(base_layer, ["o_proj"], attend(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+        (o,) = flow_layer.project(base_layer, ["o_proj"], attend_kv(q, kv, i, mask))
         f = f + (o if mod.scale1 is None else mod.scale1 * o)
         x = base_layer.post_attention_layernorm(f, mod.norm2)
         x = x if mod.shift2 is None else x + mod.shift2
@@ -345,9 +346,9 @@ class L2DModel(nnx.Module):
         h, f = base.embed(input_ids), self.flow_input(x_t, t)
         for i, layer in enumerate(base.layers):
             mod = self.layer_modulation(i, cond)
-            h, cache, k, v = layer(h, rope, mask, cache, i, cache_index,
-                                   mod if s.modulate_hidden_states else None)
-            f = self.flow_layer(i, f, k, v, mask, rope, mod)
+            h, cache, kv = layer(h, rope, mask, cache, i, cache_index,
+                                 mod if s.modulate_hidden_states else None)
+            f = self.flow_layer(i, f, kv, mask, rope, mod)
         logits = base.head(h + self.final_scale(cond) * f)
         return LLMOutput(logits, h, cache)
 
@@ -358,7 +359,7 @@ class L2DModel(nnx.Module):
         """Flow stream only, for T new positions whose main stream is already in the cache.
 
         h_last (B, T, H): cached main-stream h_L at those positions; cache: the main K/V
-        (L, B, S, Hkv, hd); x_t (B, T, D); positions (B, T); cache_index: slot of the first
+        (L, B, Hkv, S, hd); x_t (B, T, D); positions (B, T); cache_index: slot of the first
         of them; kv_valid (B, S); modulation: ``flow_modulation(t, class_labels)`` when the
         caller already has it (then class_labels is unused). Returns logits (B, T, V) float32.
         """
@@ -370,7 +371,7 @@ class L2DModel(nnx.Module):
         rope = self.base.rope(positions)
         f = self.flow_input(x_t, t)
         for i in range(self.cfg.num_layers):
-            f = self.flow_layer(i, f, cache["k"][i], cache["v"][i], mask, rope, modulation.layers[i])
+            f = self.flow_layer(i, f, cache, mask, rope, modulation.layers[i])
         return self.base.head(h_last + modulation.final * f)
 
 

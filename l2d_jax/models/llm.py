@@ -9,8 +9,8 @@ Every parameter carries logical axis names in its ``axes`` metadata (``embed``, 
 
 The math lives in small pure functions (``rms_norm``, ``rope_inv_freq``, ``apply_rope``,
 ``attend``, ``causal_mask``); the modules only hold parameters and wire them up. A KV
-cache is a fixed-size pytree ``{"k": (L, B, S, Hkv, hd), "v": ...}`` so that decoding can
-live inside ``jax.lax.while_loop``.
+cache is a fixed-size pytree ``{"k": (L, B, Hkv, S, hd), "v": ...}`` so that decoding can
+live inside ``jax.lax.while_loop``; heads-major, so attention reads it in place.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from l2d_jax.kernels import cpu_matvec
+from l2d_jax.kernels import cpu_attention, cpu_matvec
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -171,22 +171,36 @@ def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q (B, Tq, H, hd), k/v (B, S, Hkv, hd), mask (B, Tq, S).
+    """Grouped-query attention. q (B, Tq, H, hd), k/v heads-major (B, Hkv, S, hd), mask (B, Tq, S).
 
     Scores and softmax in float32, probabilities cast to the value dtype. Returns (B, Tq, H*hd).
     """
     b, tq, h, hd = q.shape
-    hkv = k.shape[2]
-    # heads ahead of positions, once, on the small q/k/v/out: the (B, Hkv, Tq, G, S) scores
-    # are then every dot's natural layout, and XLA transposes none of them (fwd or bwd)
+    hkv = k.shape[1]
+    # heads ahead of positions on the small q/out: the (B, Hkv, Tq, G, S) scores are then
+    # every dot's natural layout, and XLA transposes none of them (fwd or bwd); k/v come
+    # heads-major (the cache's layout), so decoding reads the cache in place
     qg = q.reshape(b, tq, hkv, h // hkv, hd).transpose(0, 2, 1, 3, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bktgd,bksd->bktgs", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(hd))
     scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bktgs,bksd->bktgd", probs, v).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, tq, h * hd)
+
+
+def attend_kv(q: jax.Array, kv: dict | tuple[jax.Array, jax.Array], layer: int, mask: jax.Array) -> jax.Array:
+    """``attend`` over one layer's keys/values: kv is either the stacked cache {"k", "v"}
+    (L, B, Hkv, S, hd), read at ``layer`` (in place by ``cpu_attention`` for a few float32
+    query rows on one CPU device), or the layer's own (k, v) pair (B, Hkv, S, hd)."""
+    if isinstance(kv, dict):
+        k, v = kv["k"], kv["v"]
+        if cpu_attention.usable(q, k, v):
+            return cpu_attention.attend(q, k, v, layer, mask, reference=attend)
+        k, v = k[layer], v[layer]
+    else:
+        k, v = kv
+    return attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
 
 
 # --------------------------------------------------------------------------- modules
@@ -299,12 +313,12 @@ class DecoderLayer(nnx.Module):
                  cache: dict | None = None, layer: int = 0, cache_index: jax.Array | int = 0,
                  mod: Modulation | None = None):
         """Main-stream step of layer ``layer``. h (B, T, H); cache: the stacked KV cache
-        {"k", "v"} (L, B, S, Hkv, hd) or None.
+        {"k", "v"} (L, B, Hkv, S, hd) or None.
 
         The new keys/values are written into the cache's slots [cache_index, cache_index + T)
-        of this layer only (in place under jit). Returns (h_out, cache, k_all, v_all): k_all /
-        v_all are what was attended to (this layer's cache, or this call's own keys/values
-        without a cache); the flow stream reads them.
+        of this layer only (in place under jit). Returns (h_out, cache, kv): kv is what was
+        attended to, for the flow stream (``attend_kv``): the cache, or without one this
+        call's own (k, v) (B, Hkv, T, hd).
         """
         cfg, attn = self.cfg, self.self_attn
         b, t, _ = h.shape
@@ -316,15 +330,16 @@ class DecoderLayer(nnx.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            cache = write_kv(cache, layer, k, v, cache_index)
-            k, v = cache["k"][layer], cache["v"][layer]
-        o = attn.o_proj(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+            kv = cache = write_kv(cache, layer, k, v, cache_index)
+        else:
+            kv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        o = attn.o_proj(attend_kv(q, kv, layer, mask))
         h = h + _scale(o, None if mod is None else mod.scale1)
         x = self.post_attention_layernorm(h, None if mod is None else mod.norm2)
         x = _shift(x, None if mod is None else mod.shift2)
         gate, up = linears(x, [self.mlp.gate_proj, self.mlp.up_proj])
         m = self.mlp.down_proj(jax.nn.silu(gate) * up)  # SwiGLU
-        return h + _scale(m, None if mod is None else mod.scale2), cache, k, v
+        return h + _scale(m, None if mod is None else mod.scale2), cache, kv
 
 
 def write_kv(cache: dict, layer: int, k: jax.Array, v: jax.Array, cache_index: jax.Array | int) -> dict:
@@ -332,8 +347,8 @@ def write_kv(cache: dict, layer: int, k: jax.Array, v: jax.Array, cache_index: j
     k / v (B, T, Hkv, hd); only those slots are written (no per-layer slice and re-stack)."""
     def put(buf, x):
         zero = jnp.zeros((), jnp.int32)
-        start = (jnp.int32(layer), zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype)[None], start)
+        start = (jnp.int32(layer), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype).transpose(0, 2, 1, 3)[None], start)
     return {"k": put(cache["k"], k), "v": put(cache["v"], v)}
 
 
@@ -396,7 +411,7 @@ class LLM(nnx.Module):
         rope = self.rope(positions)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            h, cache, _, _ = layer(h, rope, mask, cache, i, cache_index)
+            h, cache, _ = layer(h, rope, mask, cache, i, cache_index)
         return LLMOutput(self.head(h), h, cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):
@@ -412,8 +427,8 @@ class LLM(nnx.Module):
 
 
 def init_cache(cfg: LLMConfig, batch: int, length: int, dtype: str | None = None) -> dict:
-    """Zero KV cache {"k", "v"}: (L, B, S, Hkv, hd) each, in the compute dtype by default."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """Zero KV cache {"k", "v"}: (L, B, Hkv, S, hd) each (heads-major), in the compute dtype by default."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     dt = _dtype(dtype or cfg.dtype)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 

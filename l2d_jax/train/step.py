@@ -175,8 +175,8 @@ def forward(model, input_ids: jax.Array, t: jax.Array, x_t: jax.Array, class_lab
         def layer(state, h, f, cond, rope, mask, i=i):
             m = nnx.merge(graphdef, state)
             mod = m.layer_modulation(i, cond)
-            h, _, k, v = m.base.layers[i](h, rope, mask, None, i, 0, mod if s.modulate_hidden_states else None)
-            return h, m.flow_layer(i, f, k, v, mask, rope, mod)
+            h, _, kv = m.base.layers[i](h, rope, mask, None, i, 0, mod if s.modulate_hidden_states else None)
+            return h, m.flow_layer(i, f, kv, mask, rope, mod)
 
         h, f = jax.checkpoint(layer)(state, h, f, cond, rope, mask)
     return base.head(h + model.final_scale(cond) * f)

@@ -1,0 +1,215 @@
+// Decoding attention for XLA:CPU over one layer of a stacked KV cache, read in place, as an
+// XLA FFI custom call (cpu_attention.py).
+//
+//   q (B, T, H, hd), k / v (L, B, Hkv, S, hd) (the whole stacked cache), mask (B, T, S) bool,
+//   attribute layer -> out (B, T, H, hd):
+//   out[b, t, h] = softmax_s(where(mask[b, t, s], q[b, t, h] . k[layer, b, g, s] / sqrt(hd),
+//                                  -FLT_MAX)) @ v[layer, b, g]    with g = h / (H / Hkv)
+//
+// the same arithmetic as llm.attend (scores and softmax in float32, max subtracted, divided by
+// the sum before the product with v), in another summation order. What XLA does with the
+// same attention at a few query rows: copy the layer out of the stack, transpose K for its
+// dot, and a dozen small ops around the softmax, each a step of the executor.
+//
+// Work items are (b, kv head) pairs: each reads its keys and values once for all T x (H / Hkv)
+// query rows of the group, and the items are spread over XLA's intra-op pool (parallel.h)
+// when the layer holds enough to split.
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMinBytesToSplit = 1 << 18;  // keys + values of a layer, all items
+
+// Scores of one item's R query rows, R x S floats per thread (grown, never shrunk).
+float* ScoreBuffer(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// x . k_j for 8 consecutive keys k_0..k_7 (rows of length hd, a multiple of 8): eight vector
+// accumulators, summed across lanes all at once (three rounds of pairwise adds).
+inline __m256 Dots8(const float* q, const float* k, int64_t hd) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < hd; i += 8) {
+    const __m256 x = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + j * hd + i), a[j]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  // u0 = (k0 k1 k2 k3 | k0 k1 k2 k3) partial sums of the low and high 128-bit halves, u1 for k4..k7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6
+// (relative error ~1e-7), times 2^n through the exponent bits; 0 below -87 (where float's
+// exp turns denormal; XLA gives values below 1e-38 there).
+inline __m256 Exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+// Scores of R query rows qs[r] against keys k (S, hd), times scale, into sc (R, S): keys
+// in the outer loop, so each is read once for all rows.
+void Scores(const float* const* qs, int64_t R, const float* k, float* sc, int64_t S, int64_t hd, float scale) {
+  int64_t s = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (hd % 8 == 0)
+    for (; s + 8 <= S; s += 8)
+      for (int64_t r = 0; r < R; ++r)
+        _mm256_storeu_ps(sc + r * S + s, _mm256_mul_ps(Dots8(qs[r], k + s * hd, hd), _mm256_set1_ps(scale)));
+#endif
+  for (; s < S; ++s) {
+    const float* __restrict ks = k + s * hd;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* __restrict q = qs[r];
+      float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+      for (int64_t i = 0; i < hd; ++i) d += q[i] * ks[i];
+      sc[r * S + s] = d * scale;
+    }
+  }
+}
+
+// row[s] = exp(row[s] - max) / sum over s: the softmax of one row of scores, in place.
+void Softmax(float* row, int64_t S) {
+  const float mx = *std::max_element(row, row + S);
+  int64_t s = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; s + 8 <= S; s += 8) _mm256_storeu_ps(row + s, Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(mx))));
+#endif
+  for (; s < S; ++s) row[s] = std::exp(row[s] - mx);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (s = 0; s < S; ++s) sum += row[s];
+#pragma omp simd
+  for (s = 0; s < S; ++s) row[s] /= sum;
+}
+
+// outs[r] (hd) += sum over s of p[r * S + s] * v[s] (rows of hd floats), for R rows: blocks of
+// 64 values (16 KiB at hd = 64) stay in L1 while every row adds them up in registers.
+void AddWeightedValues(const float* p, int64_t R, const float* v, int64_t S, int64_t hd, float* const* outs) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+    const int64_t s1 = std::min(S, s0 + kBlock);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* pr = p + r * S;
+      int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; c + 64 <= hd; c += 64) {  // 64 outputs in eight vector registers
+        float* o = outs[r] + c;
+        __m256 a[8];
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(o + 8 * j);
+        for (int64_t s = s0; s < s1; ++s) {
+          const __m256 w = _mm256_set1_ps(pr[s]);
+          const float* vs = v + s * hd + c;
+          for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * j), a[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + 8 * j, a[j]);
+      }
+#endif
+      float* __restrict o = outs[r];
+      for (int64_t s = s0; s < s1; ++s) {
+        const float w = pr[s];
+        const float* __restrict vs = v + s * hd;
+#pragma omp simd
+        for (int64_t i = c; i < hd; ++i) o[i] += w * vs[i];
+      }
+    }
+  }
+}
+
+// One (b, g) item: R query rows (at qs[r], hd floats each, mask rows masks[r] of S) against
+// keys / values k, v (S, hd); outputs at outs[r].
+void AttendItem(const float* k, const float* v, int64_t S, int64_t hd, const float* const* qs,
+                const bool* const* masks, float* const* outs, int64_t R, float scale) {
+  float* sc = ScoreBuffer(R * S);
+  Scores(qs, R, k, sc, S, hd, scale);
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = sc + r * S;
+    for (int64_t s = 0; s < S; ++s) row[s] = masks[r][s] ? row[s] : -FLT_MAX;
+    Softmax(row, S);
+    std::fill(outs[r], outs[r] + hd, 0.0f);
+  }
+  AddWeightedValues(sc, R, v, S, hd, outs);
+}
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                         ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || md.size() != 3)
+    return ffi::Error::InvalidArgument("l2d_attention: needs q (B, T, H, hd), k / v (L, B, Hkv, S, hd), mask (B, T, S)");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], hd = qd[3];
+  const int64_t L = kd[0], Hkv = kd[2], S = kd[3];
+  const auto vd = v.dimensions();
+  if (kd[1] != B || kd[4] != hd || Hkv == 0 || H % Hkv != 0 || md[0] != B || md[1] != T || md[2] != S ||
+      !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
+    return ffi::Error::InvalidArgument("l2d_attention: shapes of q, k, v and mask do not agree");
+  if (layer < 0 || layer >= L) return ffi::Error::InvalidArgument("l2d_attention: layer out of range");
+  const int64_t G = H / Hkv, R = T * G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float* qp = q.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const int64_t item_floats = S * hd;  // one (b, g) slice of k or v
+  const float* k0 = k.typed_data() + layer * B * Hkv * item_floats;
+  const float* v0 = v.typed_data() + layer * B * Hkv * item_floats;
+  const int64_t items = B * Hkv;
+  const int64_t bytes = 2 * items * item_floats * static_cast<int64_t>(sizeof(float));
+  const int64_t workers = bytes >= kMinBytesToSplit ? l2d::PoolThreads(pool) : 1;
+  l2d::ParallelFor(pool, items, workers, [&](int64_t i) {
+    const int64_t b = i / Hkv, g = i % Hkv;
+    std::vector<const float*> qs(R);
+    std::vector<const bool*> masks(R);
+    std::vector<float*> outs(R);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t row = ((b * T + t) * H + g * G + j) * hd;
+        qs[t * G + j] = qp + row;
+        outs[t * G + j] = op + row;
+        masks[t * G + j] = mp + (b * T + t) * S;
+      }
+    AttendItem(k0 + i * item_floats, v0 + i * item_floats, S, hd, qs.data(), masks.data(), outs.data(), R, scale);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(L2dAttentionF32, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer"));
