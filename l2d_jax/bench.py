@@ -214,18 +214,14 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
 def layer_matvec_gbps(model, repeats: int = 7) -> float:
     """GB/s of the model's matmuls (``llm.matmuls``: the CPU kernel at batch 1 where it
     applies, else XLA's dots) on the base model's own weight matrices at batch 1, grouped as a
-    decoding step reads them (q/k/v, o, gate/up, down), one group after another (each input
-    depends on the previous outputs, element-wise ops between them): the speed a
-    decoding step would reach if it were nothing but its matrix-vector products."""
+    decoding step reads them (``DecoderLayer.projection_groups``: q/k/v, o, gate/up, down),
+    one group after another (each input depends on the previous outputs, element-wise ops
+    between them): the speed a decoding step would reach if it were nothing but its
+    matrix-vector products."""
     from l2d_jax.models.llm import matmuls
 
     base = model.base if hasattr(model, "flow") else model
-    groups = []
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for projs in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj],
-                      [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]):
-            groups.append([p.kernel[...] for p in projs])
+    groups = [[p.kernel[...] for p in projs] for layer in base.layers for projs in layer.projection_groups()]
     width = max(max(w.shape) for g in groups for w in g)
 
     @jax.jit

@@ -309,6 +309,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
+    def projection_groups(self) -> tuple[list[Linear], ...]:
+        """The layer's projections in the order a step reads them, grouped by shared input
+        (each group is one ``linears`` call): (q, k, v), (o,), (gate, up), (down,)."""
+        attn, mlp = self.self_attn, self.mlp
+        return [attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]
+
     def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
                  cache: dict | None = None, layer: int = 0, cache_index: jax.Array | int = 0,
                  mod: Modulation | None = None):
@@ -320,11 +326,12 @@ class DecoderLayer(nnx.Module):
         attended to, for the flow stream (``attend_kv``): the cache, or without one this
         call's own (k, v) (B, Hkv, T, hd).
         """
-        cfg, attn = self.cfg, self.self_attn
+        cfg = self.cfg
+        qkv, o_proj, gate_up, down = self.projection_groups()
         b, t, _ = h.shape
         x = self.input_layernorm(h, None if mod is None else mod.norm1)
         x = _shift(x, None if mod is None else mod.shift1)
-        q, k, v = linears(x, [attn.q_proj, attn.k_proj, attn.v_proj])
+        q, k, v = linears(x, qkv)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -333,12 +340,12 @@ class DecoderLayer(nnx.Module):
             kv = cache = write_kv(cache, layer, k, v, cache_index)
         else:
             kv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        o = attn.o_proj(attend_kv(q, kv, layer, mask))
+        (o,) = linears(attend_kv(q, kv, layer, mask), o_proj)
         h = h + _scale(o, None if mod is None else mod.scale1)
         x = self.post_attention_layernorm(h, None if mod is None else mod.norm2)
         x = _shift(x, None if mod is None else mod.shift2)
-        gate, up = linears(x, [self.mlp.gate_proj, self.mlp.up_proj])
-        m = self.mlp.down_proj(jax.nn.silu(gate) * up)  # SwiGLU
+        gate, up = linears(x, gate_up)
+        (m,) = linears(jax.nn.silu(gate) * up, down)  # SwiGLU
         return h + _scale(m, None if mod is None else mod.scale2), cache, kv
 
 
