@@ -436,8 +436,8 @@ class _StepPrograms:
         return self.compiled[name]
 
     def xla_bytes(self, name: str) -> float | None:
-        """XLA's bytes accessed, compiled with XLA's dots: cost analysis does not see the
-        bytes the CPU matvec custom call reads."""
+        """XLA's bytes accessed, compiled with XLA's ops: cost analysis does not see the
+        bytes the CPU kernels' custom calls read."""
         if not (cpu_matvec.enabled() or cpu_attention.enabled()):
             return _cost_bytes(self.compile(name))
         fn, args = self.programs[name]

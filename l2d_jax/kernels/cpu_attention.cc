@@ -41,6 +41,18 @@ float* ScoreBuffer(int64_t floats) {
   return buffer.data();
 }
 
+// The R = T x G query rows of one (b, g) item, in place in q / out / mask: row r is query
+// t = r / G, head g * G + r % G.
+struct Rows {
+  const float* q;    // &q[b, 0, g * G, 0]
+  float* out;        // &out[b, 0, g * G, 0]
+  const bool* mask;  // &mask[b, 0, 0]
+  int64_t R, G, hd, t_stride, S;  // t_stride = H * hd: floats from one query t to the next
+  const float* Q(int64_t r) const { return q + (r / G) * t_stride + (r % G) * hd; }
+  float* Out(int64_t r) const { return out + (r / G) * t_stride + (r % G) * hd; }
+  const bool* Mask(int64_t r) const { return mask + (r / G) * S; }
+};
+
 #if defined(__AVX2__) && defined(__FMA__)
 // x . k_j for 8 consecutive keys k_0..k_7 (rows of length hd, a multiple of 8): eight vector
 // accumulators, summed across lanes all at once (three rounds of pairwise adds).
@@ -76,20 +88,21 @@ inline __m256 Exp8(__m256 x) {
 }
 #endif
 
-// Scores of R query rows qs[r] against keys k (S, hd), times scale, into sc (R, S): keys
-// in the outer loop, so each is read once for all rows.
-void Scores(const float* const* qs, int64_t R, const float* k, float* sc, int64_t S, int64_t hd, float scale) {
+// Scores of the query rows against keys k (S, hd), times scale, into sc (R, S): keys in
+// the outer loop, so each is read once for all rows.
+void Scores(const Rows& rows, const float* k, float* sc, float scale) {
+  const int64_t R = rows.R, S = rows.S, hd = rows.hd;
   int64_t s = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (hd % 8 == 0)
     for (; s + 8 <= S; s += 8)
       for (int64_t r = 0; r < R; ++r)
-        _mm256_storeu_ps(sc + r * S + s, _mm256_mul_ps(Dots8(qs[r], k + s * hd, hd), _mm256_set1_ps(scale)));
+        _mm256_storeu_ps(sc + r * S + s, _mm256_mul_ps(Dots8(rows.Q(r), k + s * hd, hd), _mm256_set1_ps(scale)));
 #endif
   for (; s < S; ++s) {
     const float* __restrict ks = k + s * hd;
     for (int64_t r = 0; r < R; ++r) {
-      const float* __restrict q = qs[r];
+      const float* __restrict q = rows.Q(r);
       float d = 0.0f;
 #pragma omp simd reduction(+ : d)
       for (int64_t i = 0; i < hd; ++i) d += q[i] * ks[i];
@@ -113,10 +126,11 @@ void Softmax(float* row, int64_t S) {
   for (s = 0; s < S; ++s) row[s] /= sum;
 }
 
-// outs[r] (hd) += sum over s of p[r * S + s] * v[s] (rows of hd floats), for R rows: blocks of
-// 64 values (16 KiB at hd = 64) stay in L1 while every row adds them up in registers.
-void AddWeightedValues(const float* p, int64_t R, const float* v, int64_t S, int64_t hd, float* const* outs) {
+// Out(r) (hd) += sum over s of p[r * S + s] * v[s] (rows of hd floats), for every row: blocks
+// of 64 values (16 KiB at hd = 64) stay in L1 while every row adds them up in registers.
+void AddWeightedValues(const float* p, const float* v, const Rows& rows) {
   constexpr int64_t kBlock = 64;
+  const int64_t R = rows.R, S = rows.S, hd = rows.hd;
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
     const int64_t s1 = std::min(S, s0 + kBlock);
     for (int64_t r = 0; r < R; ++r) {
@@ -124,7 +138,7 @@ void AddWeightedValues(const float* p, int64_t R, const float* v, int64_t S, int
       int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
       for (; c + 64 <= hd; c += 64) {  // 64 outputs in eight vector registers
-        float* o = outs[r] + c;
+        float* o = rows.Out(r) + c;
         __m256 a[8];
         for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(o + 8 * j);
         for (int64_t s = s0; s < s1; ++s) {
@@ -135,7 +149,7 @@ void AddWeightedValues(const float* p, int64_t R, const float* v, int64_t S, int
         for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + 8 * j, a[j]);
       }
 #endif
-      float* __restrict o = outs[r];
+      float* __restrict o = rows.Out(r);
       for (int64_t s = s0; s < s1; ++s) {
         const float w = pr[s];
         const float* __restrict vs = v + s * hd;
@@ -146,19 +160,19 @@ void AddWeightedValues(const float* p, int64_t R, const float* v, int64_t S, int
   }
 }
 
-// One (b, g) item: R query rows (at qs[r], hd floats each, mask rows masks[r] of S) against
-// keys / values k, v (S, hd); outputs at outs[r].
-void AttendItem(const float* k, const float* v, int64_t S, int64_t hd, const float* const* qs,
-                const bool* const* masks, float* const* outs, int64_t R, float scale) {
-  float* sc = ScoreBuffer(R * S);
-  Scores(qs, R, k, sc, S, hd, scale);
-  for (int64_t r = 0; r < R; ++r) {
+// One (b, g) item: its query rows against keys / values k, v (S, hd).
+void AttendItem(const Rows& rows, const float* k, const float* v, float scale) {
+  const int64_t S = rows.S;
+  float* sc = ScoreBuffer(rows.R * S);
+  Scores(rows, k, sc, scale);
+  for (int64_t r = 0; r < rows.R; ++r) {
     float* row = sc + r * S;
-    for (int64_t s = 0; s < S; ++s) row[s] = masks[r][s] ? row[s] : -FLT_MAX;
+    const bool* mask = rows.Mask(r);
+    for (int64_t s = 0; s < S; ++s) row[s] = mask[s] ? row[s] : -FLT_MAX;
     Softmax(row, S);
-    std::fill(outs[r], outs[r] + hd, 0.0f);
+    std::fill(rows.Out(r), rows.Out(r) + rows.hd, 0.0f);
   }
-  AddWeightedValues(sc, R, v, S, hd, outs);
+  AddWeightedValues(sc, v, rows);
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -174,7 +188,7 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
       !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
     return ffi::Error::InvalidArgument("l2d_attention: shapes of q, k, v and mask do not agree");
   if (layer < 0 || layer >= L) return ffi::Error::InvalidArgument("l2d_attention: layer out of range");
-  const int64_t G = H / Hkv, R = T * G;
+  const int64_t G = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const float* qp = q.typed_data();
   const bool* mp = mask.typed_data();
@@ -187,17 +201,9 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   const int64_t workers = bytes >= kMinBytesToSplit ? l2d::PoolThreads(pool) : 1;
   l2d::ParallelFor(pool, items, workers, [&](int64_t i) {
     const int64_t b = i / Hkv, g = i % Hkv;
-    std::vector<const float*> qs(R);
-    std::vector<const bool*> masks(R);
-    std::vector<float*> outs(R);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < G; ++j) {
-        const int64_t row = ((b * T + t) * H + g * G + j) * hd;
-        qs[t * G + j] = qp + row;
-        outs[t * G + j] = op + row;
-        masks[t * G + j] = mp + (b * T + t) * S;
-      }
-    AttendItem(k0 + i * item_floats, v0 + i * item_floats, S, hd, qs.data(), masks.data(), outs.data(), R, scale);
+    const int64_t first = (b * T * H + g * G) * hd;  // q / out offset of query 0, head g * G
+    const Rows rows{qp + first, op + first, mp + b * T * S, T * G, G, hd, H * hd, S};
+    AttendItem(rows, k0 + i * item_floats, v0 + i * item_floats, scale);
   });
   return ffi::Error::Success();
 }
