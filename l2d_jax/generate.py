@@ -158,7 +158,7 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
 
         def flow_logits(x, t, conditional):
             labels = class_labels if conditional else None
-            mod = None if modulation_at is None else modulation_at(t, b, 1)
+            mod = None if modulation_at is None else modulation_at(t)
             return model.flow_only(c.h_last, c.cache, x, t, pos, slot, c.kv_valid, labels, mod)
 
         def run_ode(_):

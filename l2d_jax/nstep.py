@@ -128,23 +128,26 @@ def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None]
     return f
 
 
-def modulation_lookup(model, times: jax.Array, table) -> Callable[[jax.Array, int, int], object]:
-    """``at(t, b, n)`` -> ``model.flow_modulation`` for a scalar t broadcast to (b, n), read
-    from ``table`` = ``model.flow_modulation(times[:, None])`` (computed once for the times
-    (K,)) when t is one of them, else computed.
+def modulation_lookup(model, times: jax.Array, table) -> Callable[[jax.Array], object]:
+    """``at(t)`` -> ``model.flow_modulation`` for a scalar t, broadcasting against any (B, T),
+    read from ``table`` = ``model.flow_modulation(times[:, None])`` (computed once for the
+    times (K,)) when t is one of them, else computed.
 
     Generation tabulates the fixed-grid stage times (``solvers.stage_times``): the per-layer
     modulation heads then run once per call instead of once per velocity evaluation (for
-    SmolLM2 they are ~17 % of a flow evaluation's bytes). Unconditional only (no class
-    labels): with guidance labels the caller computes the modulation itself."""
-    def at(t: jax.Array, b: int, n: int):
+    SmolLM2 they are ~17 % of a flow evaluation's bytes), and an evaluation reads its row of
+    the table in one piece. Unconditional only (no class labels): with guidance labels the
+    caller computes the modulation itself."""
+    layers = jnp.moveaxis(table.layers, 2, 0)  # (K, L, F, 1, H): one time's rows together
+
+    def at(t: jax.Array):
         hit = times == t
 
         def row():
             k = jnp.argmax(hit)
-            return jax.tree.map(lambda a: jnp.broadcast_to(a[k], (b, n, a.shape[-1])), table)
+            return type(table)(layers[k][:, :, None], table.final[k][None])
 
-        return jax.lax.cond(hit.any(), row, lambda: model.flow_modulation(jnp.full((b, n), t, jnp.float32)))
+        return jax.lax.cond(hit.any(), row, lambda: model.flow_modulation(jnp.full((1, 1), t, jnp.float32)))
 
     return at
 

@@ -115,10 +115,11 @@ def test_tabulated_modulations_equal_computed_ones(model):
     times = solvers.stage_times("midpoint", 5, 1.0, max_points=8).ravel()
     at = modulation_lookup(model, times, model.flow_modulation(times[:, None]))
     for t in (times[3], times[6], jnp.float32(0.123)):
-        got, want = at(t, 2, 1), model.flow_modulation(jnp.full((2, 1), t))
+        got, want = at(t), model.flow_modulation(jnp.full((2, 1), t))
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            assert g.shape == w.shape == (2, 1, model.cfg.hidden_size)
-            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+            assert w.shape[-3:] == (2, 1, model.cfg.hidden_size)
+            assert g.shape[-3:] == (1, 1, model.cfg.hidden_size)  # broadcasts against any (B, T)
+            np.testing.assert_allclose(jnp.broadcast_to(g, w.shape), w, rtol=1e-6, atol=1e-6)
 
 
 def test_greedy_sampler_skips_nothing_it_needs():
@@ -156,32 +157,41 @@ def test_a_shared_prefill_gives_what_a_fresh_one_gives(model):
 
 
 def test_cpu_kernels_are_used_and_decode_like_xla(model, monkeypatch):
-    """Batch-1 decoding on one CPU device runs the custom calls of l2d_jax/kernels: one matmul
-    per group of projections that share their input (q/k/v, o, gate/up, down) and one for the
-    LM head, and one attention per layer reading the stacked cache; the tokens equal those of
-    XLA's dots and attention, with and without the flow path."""
+    """Batch-1 decoding on one CPU device runs the custom calls of l2d_jax/kernels: a cached
+    step is one decoder-stack call plus the LM head's matmul; without the decoder kernel, one
+    matmul per group of projections that share their input (q/k/v, o, gate/up, down) and
+    one attention per layer reading the stacked cache. The tokens equal those of XLA's own
+    ops, with and without the flow path."""
     import jax
     import jax.numpy as jnp
 
-    from l2d_jax.kernels import cpu_attention, cpu_matvec
+    from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec
     from l2d_jax.models.llm import init_cache
 
-    if not (cpu_matvec.enabled() and cpu_attention.enabled()):
+    switches = (cpu_decoder.ENV_SWITCH, cpu_matvec.ENV_SWITCH, cpu_attention.ENV_SWITCH)
+    if not (cpu_matvec.enabled() and cpu_attention.enabled() and cpu_decoder.enabled()):
         pytest.skip("no C++ compiler or not a 1-device CPU")
     cfg = model.base.cfg
     one = jnp.zeros((1, 1), jnp.int32)
-    step = jax.jit(lambda ids, c: model.base(ids, one, cache=c, cache_index=0,
-                                             kv_valid=jnp.ones((1, 8), bool)).logits)
-    hlo = step.lower(one, init_cache(cfg, 1, 8)).as_text()
-    assert hlo.count(f"custom_call @{cpu_matvec.TARGET}(") == 4 * cfg.num_layers + 1
-    assert hlo.count(f"custom_call @{cpu_attention.TARGET}(") == cfg.num_layers
-    i1, m1 = left_pad([PROMPTS[0]], pad_id=0)
-    runs = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(cpu_matvec.ENV_SWITCH, switch)
-        monkeypatch.setenv(cpu_attention.ENV_SWITCH, switch)
+
+    def calls():
         jax.clear_caches()  # the switches are read at trace time
-        runs[switch] = [np.asarray(generate(model, i1, m1, ode_steps=n, opts=OPTS).tokens) for n in (0, 4)]
+        step = jax.jit(lambda ids, c: model.base(ids, one, cache=c, cache_index=0,
+                                                 kv_valid=jnp.ones((1, 8), bool)).logits)
+        hlo = step.lower(one, init_cache(cfg, 1, 8)).as_text()
+        return [hlo.count(f"custom_call @{k.TARGET}(") for k in (cpu_decoder, cpu_matvec, cpu_attention)]
+
+    assert calls() == [1, 1, 0]
+    monkeypatch.setenv(cpu_decoder.ENV_SWITCH, "0")
+    assert calls() == [0, 4 * cfg.num_layers + 1, cfg.num_layers]
+    i1, m1 = left_pad([PROMPTS[0]], pad_id=0)
+    runs = []
+    for on in ((True, True, True), (False, True, True), (False, False, False)):
+        for name, value in zip(switches, on):
+            monkeypatch.setenv(name, "1" if value else "0")
+        jax.clear_caches()
+        runs.append([np.asarray(generate(model, i1, m1, ode_steps=n, opts=OPTS).tokens) for n in (0, 4)])
     jax.clear_caches()
-    for on, off in zip(runs["1"], runs["0"]):
-        np.testing.assert_array_equal(on, off)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)

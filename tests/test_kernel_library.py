@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2d_jax.kernels import cpu_attention, cpu_matvec, library
+from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec, library
 from l2d_jax.models import llm
 
 pytestmark = pytest.mark.skipif(not cpu_matvec.enabled(), reason="no C++ compiler or not a 1-device CPU")
@@ -21,7 +21,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     try:
         with pytest.warns(UserWarning, match="(?s)CPU kernels unavailable.*L2D_CPU_MATVEC=0"):
             assert not cpu_matvec.enabled()
-        assert not cpu_attention.enabled()
+        assert not cpu_attention.enabled() and not cpu_decoder.enabled()
         x, w = jnp.ones((1, 8), jnp.float32), jnp.ones((8, 4), jnp.float32)
         q = jnp.ones((1, 1, 2, 8), jnp.float32)
         cache = {"k": jnp.ones((1, 1, 1, 3, 8), jnp.float32), "v": jnp.ones((1, 1, 1, 3, 8), jnp.float32)}
@@ -34,7 +34,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     finally:
         library.load.cache_clear()
     monkeypatch.undo()
-    assert cpu_matvec.enabled() and cpu_attention.enabled()
+    assert cpu_matvec.enabled() and cpu_attention.enabled() and cpu_decoder.enabled()
 
 
 def test_build_is_keyed_and_atomic(tmp_path, monkeypatch):

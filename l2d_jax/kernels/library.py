@@ -32,7 +32,8 @@ HERE = Path(__file__).parent
 ENV_DIR = "L2D_JAX_KERNEL_DIR"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-pthread", "-w")
 # FFI target -> exported handler symbol
-TARGETS = {"l2d_cpu_matvec_f32": "L2dMatvecF32", "l2d_cpu_attention_f32": "L2dAttentionF32"}
+TARGETS = {"l2d_cpu_matvec_f32": "L2dMatvecF32", "l2d_cpu_attention_f32": "L2dAttentionF32",
+           "l2d_cpu_decoder_f32": "L2dDecoderF32"}
 
 
 def sources() -> list[Path]:
@@ -95,8 +96,8 @@ def load() -> bool:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return True
     except (OSError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"CPU kernels unavailable, using XLA's ops ({e}); set L2D_CPU_MATVEC=0 "
-                      f"and L2D_CPU_ATTENTION=0 to silence this", stacklevel=3)
+        warnings.warn(f"CPU kernels unavailable, using XLA's ops ({e}); set L2D_CPU_MATVEC=0, "
+                      f"L2D_CPU_ATTENTION=0 and L2D_CPU_DECODER=0 to silence this", stacklevel=3)
         return False
 
 

@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -44,6 +46,74 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t workers, con
   for (int64_t i = 1; i < workers; ++i) pool.Schedule(decltype(run)(run));
   run();
   while (job->done.load(std::memory_order_acquire) < items) CpuRelax();
+}
+
+// A team runs one program on the calling thread and up to workers - 1 tasks of XLA's pool:
+// program(team) on each member, the same sequence of team.Phase(n, body) calls on each. A
+// phase runs body(i) for every i in [0, n), each i claimed by one member, and returns on every
+// member once all n ran (a barrier). Members that start late skip the phases that are over,
+// so nobody waits for a task the pool has not started (no deadlock when it is busy); a task
+// that starts after the call ended does nothing. One call then costs one wake-up of the
+// pool however many phases it has. `phases` bounds the Phase calls of one program.
+class Team {
+ public:
+  struct Job {
+    explicit Job(int64_t phases) : counters(new Counters[phases]), phases(phases) {}
+    struct Counters {
+      std::atomic<int64_t> next{0};
+      std::atomic<int64_t> done{0};
+    };
+    std::unique_ptr<Counters[]> counters;
+    const int64_t phases;
+    std::atomic<int64_t> active{0};
+    std::atomic<bool> closed{false};
+  };
+
+  explicit Team(Job* job) : job_(job) {}
+
+  template <typename Body>
+  void Phase(int64_t n, const Body& body) {
+    if (phase_ >= job_->phases) std::abort();  // the program ran more phases than it declared
+    Job::Counters& c = job_->counters[phase_++];
+    for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      body(i);
+      c.done.fetch_add(1, std::memory_order_release);
+    }
+    while (c.done.load(std::memory_order_acquire) < n) CpuRelax();
+  }
+
+ private:
+  Job* job_;
+  int64_t phase_ = 0;
+};
+
+template <typename Program>
+void RunTeam(xla::ffi::ThreadPool& pool, int64_t workers, int64_t phases, const Program& program) {
+  auto job = std::make_shared<Team::Job>(phases);
+  const Program* fn = &program;
+  for (int64_t i = 1; i < workers; ++i) {
+    pool.Schedule([job, fn]() {
+      job->active.fetch_add(1);  // sequentially consistent with the caller's closing below
+      if (!job->closed.load()) {
+        Team member(job.get());
+        (*fn)(member);
+      }
+      job->active.fetch_sub(1);
+    });
+  }
+  Team member(job.get());
+  program(member);
+  job->closed.store(true);  // then wait for the members still inside the program
+  while (job->active.load() != 0) CpuRelax();
+}
+
+// The calling thread's scratch of at least `floats` floats, one buffer per Tag (grown, never
+// shrunk).
+template <typename Tag>
+float* ThreadScratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
 }
 
 // Threads of the pool (the caller is one of them), at least 1.

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2d_jax import diffusion
+from l2d_jax.kernels import cpu_decoder
 from l2d_jax.models.llm import (LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend_kv, linears,
                                 matmul)
 from l2d_jax.settings import L2DSettings
@@ -170,11 +171,16 @@ class FlowPath(nnx.Module):
 
 
 class FlowModulation(NamedTuple):
-    """Everything the flow stream takes from (t, class): per-layer modulations and the final
-    scale r; fields broadcast against (B, T, H)."""
+    """Everything the flow stream takes from (t, class), broadcasting against (B, T, H):
+    ``layers`` (L, F, ..., H) stacks per layer the ``Modulation`` fields it has (norm1, norm2
+    and, with full DiT modulation, shift1, scale1, shift2, scale2), one array that a
+    generation step reads in one piece; ``final`` (..., H) is the final scale r."""
 
-    layers: list[Modulation]
+    layers: jax.Array
     final: jax.Array
+
+    def layer(self, i: int) -> Modulation:
+        return Modulation(*self.layers[i])
 
 
 class Conditioning(NamedTuple):
@@ -276,7 +282,8 @@ class L2DModel(nnx.Module):
         """Per-layer modulations and the final scale for per-token t (B, T) and class
         labels (B, T) or None. Depends on nothing else, so generation can tabulate it."""
         cond = self.conditioning(t, class_labels)
-        return FlowModulation([self.layer_modulation(i, cond) for i in range(self.cfg.num_layers)],
+        fields = [[x for x in self.layer_modulation(i, cond) if x is not None] for i in range(self.cfg.num_layers)]
+        return FlowModulation(jnp.stack([jnp.stack(jnp.broadcast_arrays(*f)) for f in fields]),
                               self.final_scale(cond))
 
     # ------------------------------------------------------------------ flow stream
@@ -316,6 +323,22 @@ class L2DModel(nnx.Module):
         gate, up = flow_layer.project(base_layer, ["gate_proj", "up_proj"], x)
         (m,) = flow_layer.project(base_layer, ["down_proj"], jax.nn.silu(gate) * up)  # SwiGLU
         return f + (m if mod.scale2 is None else mod.scale2 * m)
+
+    def flow_decoder_layer(self, i: int) -> cpu_decoder.Layer:
+        """The projections of layer i of the flow stream as ``cpu_decoder`` runs them (those
+        ``flow_layer`` uses)."""
+        base_layer, flow_layer = self.base.layers[i], self.flow.layers[i]
+
+        def proj(name: str) -> cpu_decoder.Projection:
+            own, base = getattr(flow_layer, name), _base_projection(base_layer, name)
+            lin = own if isinstance(own, Linear) else base
+            bias = None if lin.bias is None else lin.bias[...]
+            if isinstance(own, LoRA):
+                return cpu_decoder.Projection(lin.kernel[...], bias, own.A[...], own.B[...])
+            return cpu_decoder.Projection(lin.kernel[...], bias)
+
+        return cpu_decoder.Layer(proj("q_proj"), None, None, proj("o_proj"), proj("gate_proj"), proj("up_proj"),
+                                 proj("down_proj"))
 
     # ------------------------------------------------------------------ entry points
 
@@ -370,8 +393,18 @@ class L2DModel(nnx.Module):
         mask = self.base.mask(n, cache=cache, cache_index=cache_index, kv_valid=kv_valid)
         rope = self.base.rope(positions)
         f = self.flow_input(x_t, t)
-        for i in range(self.cfg.num_layers):
-            f = self.flow_layer(i, f, cache, mask, rope, modulation.layers[i])
+        stack = [self.flow_decoder_layer(i) for i in range(self.cfg.num_layers)] if n == 1 else None
+        mods = modulation.layers
+        rows = mods.reshape(mods.shape[:2] + (-1, mods.shape[-1])) if stack else None  # (L, F, 1 or B, H)
+        if stack and rows.shape[2] in (1, b) and cpu_decoder.usable(f[:, 0], cache, stack, rows):
+            # one new position per sequence: the whole stack in one custom call
+            f, _ = cpu_decoder.run(f[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache, stack,
+                                   rows, num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
+                                   lora_scale=self.settings.lora_scale, write_kv=False)
+            f = f[:, None]
+        else:
+            for i in range(self.cfg.num_layers):
+                f = self.flow_layer(i, f, cache, mask, rope, modulation.layer(i))
         return self.base.head(h_last + modulation.final * f)
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from l2d_jax.kernels import cpu_attention, cpu_matvec
+from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -348,6 +348,15 @@ class DecoderLayer(nnx.Module):
         (m,) = linears(jax.nn.silu(gate) * up, down)  # SwiGLU
         return h + _scale(m, None if mod is None else mod.scale2), cache, kv
 
+    def decoder_layer(self) -> cpu_decoder.Layer:
+        """This layer's projections as ``cpu_decoder`` runs them."""
+        def proj(lin: Linear) -> cpu_decoder.Projection:
+            return cpu_decoder.Projection(lin.kernel[...], None if lin.bias is None else lin.bias[...])
+
+        attn, mlp = self.self_attn, self.mlp
+        return cpu_decoder.Layer(*map(proj, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                             mlp.up_proj, mlp.down_proj)))
+
 
 def write_kv(cache: dict, layer: int, k: jax.Array, v: jax.Array, cache_index: jax.Array | int) -> dict:
     """The stacked cache with layer ``layer``'s slots [cache_index, cache_index + T) set to
@@ -417,8 +426,19 @@ class LLM(nnx.Module):
                          kv_valid=kv_valid)
         rope = self.rope(positions)
         h = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            h, cache, _ = layer(h, rope, mask, cache, i, cache_index)
+        stack = [layer.decoder_layer() for layer in self.layers] if cache is not None and t == 1 else None
+        norms = None if stack is None else jnp.stack(
+            [jnp.stack([ly.input_layernorm.weight[...], ly.post_attention_layernorm.weight[...]]) for ly in self.layers]
+        )[:, :, None]  # (L, 2, 1, H)
+        if stack and cpu_decoder.usable(h[:, 0], cache, stack, norms):
+            # one new position per sequence: the whole stack in one custom call
+            out, cache = cpu_decoder.run(h[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache,
+                                         stack, norms, num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
+                                         write_kv=True)
+            h = out[:, None]
+        else:
+            for i, layer in enumerate(self.layers):
+                h, cache, _ = layer(h, rope, mask, cache, i, cache_index)
         return LLMOutput(self.head(h), h, cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):
