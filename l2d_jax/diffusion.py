@@ -10,6 +10,7 @@ sequence T, flow dimension D, vocabulary V.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,7 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def estimate_x1(
     logits: jax.Array,
-    table: jax.Array,
+    table: jax.Array | Callable[[jax.Array], jax.Array],
     mode: str,
     temperature: float | jax.Array,
     key: jax.Array | None = None,
@@ -146,12 +147,16 @@ def estimate_x1(
     (needs ``key``). T <= 0: Phi[argmax logits] in either mode. ``clamp`` (average mode)
     snaps to the row of Phi with the largest inner product; otherwise ``normalize``
     renormalises as ``normalize_flow``. Neither applies when T <= 0. T may be traced.
+    ``table`` may also be a function ids (...,) -> Phi[ids] (..., D) that computes the rows
+    it is asked for: all that "sample" mode reads ("average" needs the table).
     """
     _check_option("nstep_x1_estimation", mode, X1_ESTIMATIONS)
     if mode == "sample" and key is None:
         raise ValueError("estimate_x1 with mode 'sample' needs a PRNG key")
+    if callable(table) and mode == "average":
+        raise ValueError("x1 estimation 'average' needs the whole flow table Phi (V, D), not a row function")
+    rows = table if callable(table) else table.__getitem__
     logits = logits.astype(jnp.float32)
-    table = table.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
     positive = temperature > 0
     safe_temperature = jnp.where(positive, temperature, 1.0)
@@ -159,14 +164,15 @@ def estimate_x1(
     def stochastic() -> jax.Array:
         scaled = logits / safe_temperature
         if mode == "sample":
-            x1 = table[jax.random.categorical(key, scaled, axis=-1)]
+            x1 = rows(jax.random.categorical(key, scaled, axis=-1)).astype(jnp.float32)
         else:
-            x1 = _matmul(jax.nn.softmax(scaled, axis=-1), table)
+            phi = table.astype(jnp.float32)
+            x1 = _matmul(jax.nn.softmax(scaled, axis=-1), phi)
             if clamp:
-                x1 = table[jnp.argmax(_matmul(x1, table.T), axis=-1)]
+                x1 = phi[jnp.argmax(_matmul(x1, phi.T), axis=-1)]
         return normalize_flow(x1, rescaling) if normalize and not clamp else x1
 
-    return lax.cond(positive, stochastic, lambda: table[jnp.argmax(logits, axis=-1)])
+    return lax.cond(positive, stochastic, lambda: rows(jnp.argmax(logits, axis=-1)).astype(jnp.float32))
 
 
 def velocity(x1_hat: jax.Array, x: jax.Array, t: jax.Array, schedule: str) -> jax.Array:

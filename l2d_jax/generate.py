@@ -130,19 +130,24 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
     guided = is_l2d and model.settings.use_guidance and class_labels is not None
     table, modulation_at = None, None
     if is_l2d:
-        # once per call, and only when the ODE runs: Phi (V, D), and for fixed grids the
-        # modulations at every stage time (the same for every token)
+        # once per call, and only when the ODE runs: Phi (V, D) where the x1 estimate needs
+        # the whole table ("average"; "sample" computes the rows it draws, phi(y), on demand),
+        # and for fixed grids the modulations at every stage time (the same for every token)
         tabulate = opts.ode.method in nstep_lib.FIXED_GRID and not guided
+        whole_table = opts.ode.x1_estimation == "average"
         times = None
         if tabulate:
             times = solvers.stage_times(opts.ode.method, ode_steps, opts.ode.final_t, opts.max_ode_points)
             times = jnp.append(times.ravel(), jnp.float32(opts.ode.final_t))
 
         def tables():
-            return model.flow_table(), (model.flow_modulation(times[:, None]) if tabulate else None)
+            return (model.flow_table() if whole_table else None,
+                    model.flow_modulation(times[:, None]) if tabulate else None)
 
         table, mods = jax.lax.cond(ode_steps >= 2, tables,
                                    lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(tables)))
+        if not whole_table:
+            table = model.flow_representation
         if tabulate:
             modulation_at = nstep_lib.modulation_lookup(model, times, mods)
 

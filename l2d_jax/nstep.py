@@ -75,12 +75,13 @@ def temperature_delta(method: str, num_points, final_t: float) -> jax.Array:
 
 
 def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array],
-                  table: jax.Array, opts: ODEOptions, *, delta: jax.Array, key: jax.Array | None = None,
+                  table: jax.Array | Callable[[jax.Array], jax.Array], opts: ODEOptions, *, delta: jax.Array, key: jax.Array | None = None,
                   temperature: jax.Array | None = None, guidance: jax.Array | None = None,
                   guided: bool = False) -> Callable:
     """The ODE right-hand side f(t, x).
 
-    flow_logits(x, t, conditional: bool) -> logits (B, T, V); table: Phi (V, D) float32;
+    flow_logits(x, t, conditional: bool) -> logits (B, T, V); table: Phi (V, D) float32, or
+    a function ids -> Phi[ids] for "sample" x1 estimation (``diffusion.estimate_x1``);
     key: one raw key (2,) or one per batch row (B, 2), needed for x1 sampling at T > 0;
     temperature: run-time override of a constant schedule; guided: mix conditional and
     unconditional velocities with weight ``guidance``. t may be a scalar or (B,), one time

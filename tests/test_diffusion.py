@@ -262,6 +262,27 @@ def test_estimate_x1_sample_mode():
         assert abs(is_row1.mean() - p1) < 0.015
 
 
+def test_estimate_x1_from_a_row_function_equals_the_table():
+    """"sample" mode (and greedy x1) read only the rows they pick: a function ids -> rows
+    gives what the table gives, for sampled and greedy rows; "average" needs the table."""
+    keys = jax.random.split(jax.random.key(5))
+    logits = jax.random.normal(keys[0], (3, 2, 16)) * 3
+    table = jax.random.normal(keys[1], (16, 4))
+    calls = []
+
+    def rows(ids):
+        calls.append(ids.shape)
+        return table[ids] * 1.0
+
+    for temperature in (0.0, 0.7):
+        want = diffusion.estimate_x1(logits, table, "sample", temperature, key=keys[0], normalize=True)
+        got = diffusion.estimate_x1(logits, rows, "sample", temperature, key=keys[0], normalize=True)
+        np.testing.assert_array_equal(got, want)
+    assert set(calls) == {(3, 2)}  # never the whole vocabulary
+    with pytest.raises(ValueError, match="needs the whole flow table"):
+        diffusion.estimate_x1(logits, rows, "average", 0.7)
+
+
 def test_estimate_x1_clamp_and_normalize():
     # p @ table = 0.5 * (r0 + r1) = (1, 1.5); its inner product is largest with r2 = (0.2, 3),
     # which is not the argmax row.
