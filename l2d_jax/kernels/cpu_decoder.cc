@@ -186,6 +186,20 @@ void Rope(float* x, const float* cos, const float* sin, int64_t hd) {
   for (int64_t i = 0; i < hd; ++i) x[i] = tmp[i] * cos[i] + (i < half ? -tmp[i + half] : tmp[i - half]) * sin[i];
 }
 
+// g[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n.
+void SwiGLU(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = l2d::Exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 // h[:, c0:c1] += scale * y[:, c0:c1]: h, y (M, H); scale (R, H) as in NormRows, or none (1).
 void AddScaled(float* h, const float* y, const float* scale, int64_t R, int64_t M, int64_t H, int64_t c0,
                int64_t c1) {
@@ -361,11 +375,7 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
         const auto [c0, c1] = Range(inter, gu.parts, p, 16);
         Finish(gu, ly.p[kGate], kGate, M, c0, c1, lora_scale);
         const float* up = Finish(gu, ly.p[kUp], kUp, M, c0, c1, lora_scale);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t c = c0; c < c1; ++c) {
-            const float g = act[m * inter + c];
-            act[m * inter + c] = g / (1.0f + std::exp(-g)) * up[m * inter + c];
-          }
+        for (int64_t m = 0; m < M; ++m) SwiGLU(act + m * inter + c0, up + m * inter + c0, c1 - c0);
       });
       team.Phase(dn.parts, [&](int64_t p) { Products(dn, act, M, p); });
       team.Phase(dn.parts, [&](int64_t p) {
