@@ -102,7 +102,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2d_jax.kernels import cpu_attention, cpu_matvec, library
+from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec, library
 
 # The original PyTorch implementation (SakanaAI/L2D), measured on this machine kind (2 CPU
 # cores, float32, SmolLM2-135M-Instruct with the released LoRA settings, batch 1); figures
@@ -247,6 +247,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _huge_pages_mb() -> float | None:
+    """MB of this process's memory on transparent huge pages (Linux), else None."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -270,6 +281,8 @@ def machine_info(bandwidth: bool = True) -> dict:
                                              and jax.config.jax_compilation_cache_dir),
         "cpu_matvec_kernel": cpu_matvec.enabled(),  # batch <= MAX_ROWS matmuls (l2d_jax/kernels)
         "cpu_attention_kernel": cpu_attention.enabled(),  # decoding attention (l2d_jax/kernels)
+        "cpu_decoder_kernel": cpu_decoder.enabled(),  # one-position decoding steps (l2d_jax/kernels)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for XLA's buffers (cli.entry)
     }
     try:
         import flax
@@ -591,7 +604,8 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
         start = machine.get("bandwidth", {})
         end = measure_bandwidth(round(start["array_mb"]) if "array_mb" in start else None)
         bw = max(bw, end["memory_bandwidth_gbps"])
-        machine = {**machine, "bandwidth_at_end": end, "memory_bandwidth_gbps": bw}
+        machine = {**machine, "bandwidth_at_end": end, "memory_bandwidth_gbps": bw,
+                   "huge_pages_mb_at_end": _huge_pages_mb()}
         for rec in results:
             _set_bound(rec, bw)
     return report()
