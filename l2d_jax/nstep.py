@@ -75,7 +75,8 @@ def temperature_delta(method: str, num_points, final_t: float) -> jax.Array:
 
 
 def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array],
-                  table: jax.Array | Callable[[jax.Array], jax.Array], opts: ODEOptions, *, delta: jax.Array, key: jax.Array | None = None,
+                  table: jax.Array | Callable[[jax.Array], jax.Array], opts: ODEOptions, *,
+                  delta: jax.Array, key: jax.Array | None = None,
                   temperature: jax.Array | None = None, guidance: jax.Array | None = None,
                   guided: bool = False) -> Callable:
     """The ODE right-hand side f(t, x).

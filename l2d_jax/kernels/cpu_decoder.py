@@ -8,11 +8,11 @@ wakes the intra-op pool again; this call runs norms, projections (with LoRA delt
 biases), RoPE, the cache write, attention, the SwiGLU MLP and the modulation's shifts and
 scales of every layer, spread over the pool's threads as one team with a barrier per phase.
 
-``run(h, cos, sin, mask, slot, cache, layers, modulation, ...)`` is the entry point; ``usable(...)``
-says whether it applies at trace time: h (M, H) with 1 <= M <= ``MAX_ROWS`` rows (one new
-position per sequence), everything float32, LoRA ranks <= ``MAX_LORA_RANK``, ``$L2D_CPU_DECODER`` not ``0`` and the kernel
-library available (``library.py``). Callers (``LLM.__call__``, ``L2DModel.flow_only``) fall
-back to their per-layer code otherwise. It has no gradient: decoding with a KV cache is not
+``run(h, cos, sin, mask, slot, cache, layers, modulation, ...)`` is the entry point;
+``usable(...)`` says whether it applies at trace time: h (M, H) with 1 <= M <= ``MAX_ROWS``
+rows (one new position per sequence), everything float32, LoRA ranks <= ``MAX_LORA_RANK``,
+``$L2D_CPU_DECODER`` not ``0`` and the kernel library available (``library.py``). Callers
+(``LLM.__call__``, ``L2DModel.flow_only``) fall back to their per-layer code otherwise. It has no gradient: decoding with a KV cache is not
 trained through (differentiating raises an error that says how to turn the kernel off).
 """
 
