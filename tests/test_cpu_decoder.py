@@ -35,13 +35,13 @@ def _with_biases(model, seed=0):
 
 
 def _decode(model, ids, switch, monkeypatch):
-    """Prefill PROMPT tokens, then NEW cached one-token steps: (logits (B, NEW, V), cache)."""
+    """Prefill PROMPT tokens, then NEW cached one-token steps: (logits (B, NEW, V), cache).
+    The switch is read when a program is traced: each call jits a new function."""
     monkeypatch.setenv(cpu_decoder.ENV_SWITCH, switch)
-    jax.clear_caches()
     b = ids.shape[0]
 
     @jax.jit
-    def run(ids):
+    def run(model, ids):
         kv_valid = jnp.zeros((b, SLOTS), bool).at[:, :PROMPT].set(True)
         pos = jnp.broadcast_to(jnp.arange(PROMPT), (b, PROMPT))
         cache = model(ids[:, :PROMPT], pos, cache=init_cache(model.cfg, b, SLOTS), kv_valid=kv_valid).cache
@@ -53,7 +53,7 @@ def _decode(model, ids, switch, monkeypatch):
             logits.append(out.logits)
         return jnp.concatenate(logits, axis=1), cache
 
-    return run(ids)
+    return run(model, ids)
 
 
 @pytest.mark.parametrize("arch,overrides,batch", [
@@ -65,7 +65,6 @@ def test_main_stream_steps_match_the_layer_by_layer_program(arch, overrides, bat
     ids = jnp.asarray(np.random.default_rng(1).integers(0, model.cfg.vocab_size, (batch, PROMPT + NEW)), jnp.int32)
     got, got_cache = _decode(model, ids, "1", monkeypatch)
     want, want_cache = _decode(model, ids, "0", monkeypatch)
-    jax.clear_caches()
     assert np.abs(np.asarray(want)).max() > 0.1  # not vacuous
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     for name in ("k", "v"):  # every layer's new slots written, nothing else touched
@@ -121,12 +120,10 @@ def test_flow_evaluation_matches_the_layer_by_layer_program(case, monkeypatch):
     outs = {}
     for switch in ("1", "0"):
         monkeypatch.setenv(cpu_decoder.ENV_SWITCH, switch)
-        jax.clear_caches()
-        fn = jax.jit(lambda x, t: model.flow_only(h_last, pre.cache, x, t, pos[:, -1:], PROMPT - 1, kv_valid))
+        fn = jax.jit(lambda m, x, t: m.flow_only(h_last, pre.cache, x, t, pos[:, -1:], PROMPT - 1, kv_valid))
         if switch == "1":
-            assert f"custom_call @{cpu_decoder.TARGET}(" in fn.lower(x, t).as_text()
-        outs[switch] = fn(x, t)
-    jax.clear_caches()
+            assert f"custom_call @{cpu_decoder.TARGET}(" in fn.lower(model, x, t).as_text()
+        outs[switch] = fn(model, x, t)
     want = np.asarray(outs["0"])
     assert np.abs(want - np.asarray(model.base.head(h_last))).max() > 1e-3  # the flow path matters
     np.testing.assert_allclose(outs["1"], want, rtol=3e-5, atol=3e-5)
