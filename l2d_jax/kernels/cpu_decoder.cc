@@ -29,7 +29,6 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -44,7 +43,6 @@ namespace {
 constexpr int64_t kLeading = 8;             // args before the layers' buffers
 constexpr int64_t kPerLayer = 28;            // buffers per layer
 constexpr int64_t kPhasesPerLayer = 9;       // 4 groups x (products, finish) + attention
-constexpr int64_t kMinBytesPerPart = 1 << 16;  // do not split a group below 64 KiB a member
 enum Proj { kQ, kK, kV, kO, kGate, kUp, kDown, kProjs };
 
 struct Projection {
@@ -83,8 +81,8 @@ struct Group {
       if (p[j].w) block[j] = Add(p[j].w, p[j].N);
     for (int j : projs)
       if (p[j].a) lora[j] = Add(p[j].a, p[j].r);
-    parts = std::clamp<int64_t>(K * total * static_cast<int64_t>(sizeof(float)) / kMinBytesPerPart, 1, threads);
-    split_rows = total < parts * 1024;  // as cpu_matvec: narrow groups split the rows
+    parts = l2d::Parts(K * total * static_cast<int64_t>(sizeof(float)), threads);
+    split_rows = l2d::SplitRows(total, parts);
   }
   int Add(const float* w, int64_t n) {
     blocks[nblocks] = {w, n, total};
@@ -115,15 +113,13 @@ void NormRows(const float* h, const float* w, const float* shift, int64_t R, flo
 // Part p of a group's products of x (M, K).
 void Products(const Group& g, const float* x, int64_t M, int64_t p) {
   if (g.split_rows) {
-    const int64_t k0 = (g.K * p / g.parts) / 4 * 4;
-    const int64_t k1 = p + 1 == g.parts ? g.K : (g.K * (p + 1) / g.parts) / 4 * 4;
+    const auto [k0, k1] = l2d::Share(g.K, g.parts, p, 4);
     for (int i = 0; i < g.nblocks; ++i)
       l2d::AccumulateKN(x, g.blocks[i].w, g.Out(i, p, M), M, g.K, g.blocks[i].n, k0, k1, 0, g.blocks[i].n,
                         g.blocks[i].n, /*zero=*/true);
     return;
   }
-  const int64_t v0 = (g.total * p / g.parts) / 16 * 16;
-  const int64_t v1 = p + 1 == g.parts ? g.total : (g.total * (p + 1) / g.parts) / 16 * 16;
+  const auto [v0, v1] = l2d::Share(g.total, g.parts, p, 16);
   for (int i = 0; i < g.nblocks; ++i) {
     const auto& b = g.blocks[i];
     const int64_t n0 = std::max(v0, b.offset) - b.offset, n1 = std::min(v1, b.offset + b.n) - b.offset;
@@ -169,13 +165,6 @@ float* Finish(const Group& g, const Projection& pr, int j, int64_t M, int64_t c0
     for (int64_t c = 0; c < w; ++c) ym[c] += delta[c] * lora_scale;
   }
   return y;
-}
-
-// Column range of item i of `items` over n columns, cut at multiples of `round`.
-std::pair<int64_t, int64_t> Range(int64_t n, int64_t items, int64_t i, int64_t round) {
-  const int64_t c0 = (n * i / items) / round * round;
-  const int64_t c1 = i + 1 == items ? n : (n * (i + 1) / items) / round * round;
-  return {c0, c1};
 }
 
 // Rotate-half RoPE of one head x (hd) with cos / sin (hd), in place.
@@ -338,7 +327,7 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
         Products(qkv, x, M, p);
       });
       team.Phase(qkv.parts, [&](int64_t p) {  // whole heads: bias, LoRA, RoPE, into the cache
-        const auto [h0, h1] = Range(heads, qkv.parts, p, 1);
+        const auto [h0, h1] = l2d::Share(heads, qkv.parts, p, 1);
         for (int64_t hh = h0; hh < h1; ++hh) {
           const int j = hh < num_heads ? kQ : (hh < num_heads + Hkv ? kK : kV);
           const int64_t head = j == kQ ? hh : hh - num_heads - (j == kK ? 0 : Hkv);
@@ -361,7 +350,7 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
       // h += scale1 * o(a)
       team.Phase(o.parts, [&](int64_t p) { Products(o, abuf, M, p); });
       team.Phase(o.parts, [&](int64_t p) {
-        const auto [c0, c1] = Range(H, o.parts, p, 16);
+        const auto [c0, c1] = l2d::Share(H, o.parts, p, 16);
         AddScaled(h, Finish(o, ly.p[kO], kO, M, c0, c1, lora_scale), ly.scale1, R, M, H, c0, c1);
       });
       // h += scale2 * down(silu(gate(x)) * up(x)), x = rmsnorm(h, norm2) + shift2
@@ -372,14 +361,14 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
       });
       float* act = gu.Out(gu.block[kGate], 0, M);  // silu(gate) * up, in place of gate: (M, inter)
       team.Phase(gu.parts, [&](int64_t p) {
-        const auto [c0, c1] = Range(inter, gu.parts, p, 16);
+        const auto [c0, c1] = l2d::Share(inter, gu.parts, p, 16);
         Finish(gu, ly.p[kGate], kGate, M, c0, c1, lora_scale);
         const float* up = Finish(gu, ly.p[kUp], kUp, M, c0, c1, lora_scale);
         for (int64_t m = 0; m < M; ++m) SwiGLU(act + m * inter + c0, up + m * inter + c0, c1 - c0);
       });
       team.Phase(dn.parts, [&](int64_t p) { Products(dn, act, M, p); });
       team.Phase(dn.parts, [&](int64_t p) {
-        const auto [c0, c1] = Range(H, dn.parts, p, 16);
+        const auto [c0, c1] = l2d::Share(H, dn.parts, p, 16);
         AddScaled(h, Finish(dn, ly.p[kDown], kDown, M, c0, c1, lora_scale), ly.scale2, R, M, H, c0, c1);
       });
     }

@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "matvec.h"
@@ -31,12 +30,6 @@ namespace {
 
 using l2d::AccumulateKN;
 using l2d::DotsNK;
-constexpr int64_t kMinBytesPerPart = 1 << 16;  // do not split below 64 KiB of weights a part
-
-// One part per pool thread (the caller is one of them), none smaller than kMinBytesPerPart.
-int64_t Parts(ffi::ThreadPool& pool, int64_t weight_bytes) {
-  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, l2d::PoolThreads(pool));
-}
 
 // One weight of the call: w (K, n) or (n, K), its output y (M, n), and its first column in
 // the concatenation of all the call's outputs.
@@ -79,25 +72,18 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
     total += n;
   }
   const float* xp = x.typed_data();
-  const int64_t parts = Parts(pool, K * total * static_cast<int64_t>(sizeof(float)));
-  // part p's share of the concatenated columns, cut at multiples of `round` (the last part
-  // takes the rest)
-  auto columns = [&](int64_t p, int64_t round) {
-    const int64_t v0 = (total * p / parts) / round * round;
-    const int64_t v1 = p + 1 == parts ? total : (total * (p + 1) / parts) / round * round;
-    return std::pair<int64_t, int64_t>(v0, v1);
-  };
+  const int64_t parts = l2d::Parts(K * total * static_cast<int64_t>(sizeof(float)), l2d::PoolThreads(pool));
 
   if (transposed) {  // split the output rows: no reduction
     l2d::ParallelFor(pool, parts, parts, [&](int64_t p) {
-      const auto [v0, v1] = columns(p, 1);
+      const auto [v0, v1] = l2d::Share(total, parts, p, 1);
       ForColumns(blocks, v0, v1, [&](const Block& b, int64_t n0, int64_t n1) {
         DotsNK(xp, b.w, b.y, M, K, b.n, n0, n1);
       });
     });
-  } else if (total >= parts * 1024) {  // wide: split the columns, write y directly
+  } else if (!l2d::SplitRows(total, parts)) {  // wide: split the columns, write y directly
     l2d::ParallelFor(pool, parts, parts, [&](int64_t p) {
-      const auto [v0, v1] = columns(p, 16);
+      const auto [v0, v1] = l2d::Share(total, parts, p, 16);
       ForColumns(blocks, v0, v1, [&](const Block& b, int64_t n0, int64_t n1) {
         AccumulateKN(xp, b.w, b.y, M, K, b.n, 0, K, n0, n1, b.n, /*zero=*/true);
       });
@@ -105,8 +91,7 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
   } else {  // narrow: split the rows of w, part 0 into y, the others into scratch, then sum
     float* partial = parts > 1 ? l2d::ThreadScratch<struct Partials>((parts - 1) * M * total) : nullptr;
     l2d::ParallelFor(pool, parts, parts, [&](int64_t p) {
-      const int64_t k0 = (K * p / parts) / 4 * 4;
-      const int64_t k1 = p + 1 == parts ? K : (K * (p + 1) / parts) / 4 * 4;
+      const auto [k0, k1] = l2d::Share(K, parts, p, 4);
       for (const Block& b : blocks) {
         float* out = p == 0 ? b.y : partial + ((p - 1) * total + b.offset) * M;
         AccumulateKN(xp, b.w, out, M, K, b.n, k0, k1, 0, b.n, b.n, /*zero=*/true);

@@ -8,6 +8,17 @@
 namespace l2d {
 
 constexpr int64_t kTileFloats = 4096;  // M x tile floats of y per row pass (kn): 16 KiB
+constexpr int64_t kMinBytesPerPart = 1 << 16;  // do not split weights below 64 KiB a part
+
+// How many parts to split products over `weight_bytes` of weights into: one per thread,
+// none smaller than kMinBytesPerPart.
+inline int64_t Parts(int64_t weight_bytes, int64_t threads) {
+  return std::clamp<int64_t>(weight_bytes / kMinBytesPerPart, 1, threads);
+}
+
+// Whether (K, N) products whose outputs add up to `total` columns split the rows of the
+// weights (narrow: each part sums into its own buffer) rather than the columns (wide).
+inline bool SplitRows(int64_t total, int64_t parts) { return total < parts * 1024; }
 
 // y[:, n0:n1] (+)= x[:, k0:k1] @ w[k0:k1, n0:n1]; y has leading dimension ldy.
 inline void AccumulateKN(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,

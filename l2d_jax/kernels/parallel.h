@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -114,6 +115,14 @@ float* ThreadScratch(int64_t floats) {
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
   return buffer.data();
+}
+
+// Part p of `parts` of [0, n): its range [begin, end), cut at multiples of `round` (the
+// last part takes the rest).
+inline std::pair<int64_t, int64_t> Share(int64_t n, int64_t parts, int64_t p, int64_t round) {
+  const int64_t begin = (n * p / parts) / round * round;
+  const int64_t end = p + 1 == parts ? n : (n * (p + 1) / parts) / round * round;
+  return {begin, end};
 }
 
 // Threads of the pool (the caller is one of them), at least 1.
