@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,7 +103,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec, library
+from l2d_jax.kernels import backend, cpu_matvec
 
 # The original PyTorch implementation (SakanaAI/L2D), measured on this machine kind (2 CPU
 # cores, float32, SmolLM2-135M-Instruct with the released LoRA settings, batch 1); figures
@@ -199,8 +200,8 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
         "read": (jax.jit(lambda a: jnp.sum(a)), (x,), x.nbytes),
         "matvec": (jax.jit(lambda m, u: m @ u), (w, v), w.nbytes),
     }
-    if cpu_matvec.enabled():  # our own streaming matvec (l2d_jax/kernels) may read faster
-        kernels["cpu_matvec"] = (jax.jit(lambda m, u: cpu_matvec.matmul(u[None], m)), (w, v), w.nbytes)
+    if backend.resolve("auto", _F32).matvec:  # our own streaming matvec (l2d_jax/kernels) may read faster
+        kernels["cpu_matvec"] = (jax.jit(lambda m, u: cpu_matvec.matmul(u[None], m, kernel=True)), (w, v), w.nbytes)
     out = {"array_mb": round(x.nbytes / 2**20, 1)}
     for name, (fn, args, nbytes) in kernels.items():
         jax.block_until_ready(fn(*args))
@@ -211,23 +212,30 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
     return out
 
 
-def layer_matvec_gbps(model, repeats: int = 7) -> float:
+class _F32:  # the float32 model the kernel backend is resolved for in machine_info
+    dtype = "float32"
+    qk_norm = False
+    head_dim = 64
+
+
+def layer_matvec_gbps(model, repeats: int = 7, kernels: backend.Kernels = backend.XLA) -> float:
     """GB/s of the model's matmuls (``llm.matmuls``: the CPU kernel at batch 1 where it
     applies, else XLA's dots) on the base model's own weight matrices at batch 1, grouped as a
     decoding step reads them (``DecoderLayer.projection_groups``: q/k/v, o, gate/up, down),
     one group after another (each input depends on the previous outputs, element-wise ops
     between them): the speed a decoding step would reach if it were nothing but its
     matrix-vector products."""
-    from l2d_jax.models.llm import matmuls
+    from l2d_jax.models.block import matmuls
 
     base = model.base if hasattr(model, "flow") else model
-    groups = [[p.kernel[...] for p in projs] for layer in base.layers for projs in layer.projection_groups()]
+    stacked = [[p.kernel[...] for p in projs] for projs in base.layers.projection_groups()]
+    groups = [[w[i] for w in ws] for i in range(base.cfg.num_layers) for ws in stacked]
     width = max(max(w.shape) for g in groups for w in g)
 
     @jax.jit
     def chain(groups, h):
         for ws in groups:
-            for y in matmuls(h[:, : ws[0].shape[0]].astype(ws[0].dtype), ws):
+            for y in matmuls(h[:, : ws[0].shape[0]].astype(ws[0].dtype), ws, kernels.matvec):
                 h = h.at[:, : y.shape[1]].add(1e-3 * y.astype(h.dtype))
         return h
 
@@ -279,9 +287,8 @@ def machine_info(bandwidth: bool = True) -> dict:
         "load_average_1m_at_start": _load_average(),
         "persistent_compilation_cache": bool(jax.config.jax_enable_compilation_cache
                                              and jax.config.jax_compilation_cache_dir),
-        "cpu_matvec_kernel": cpu_matvec.enabled(),  # batch <= MAX_ROWS matmuls (l2d_jax/kernels)
-        "cpu_attention_kernel": cpu_attention.enabled(),  # decoding attention (l2d_jax/kernels)
-        "cpu_decoder_kernel": cpu_decoder.enabled(),  # one-position decoding steps (l2d_jax/kernels)
+        # the CPU kernels the "auto" backend turns on for a float32 model here (l2d_jax/kernels)
+        **{f"cpu_{k}_kernel": on for k, on in dataclasses.asdict(backend.resolve("auto", _F32)).items()},
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for XLA's buffers (cli.entry)
     }
     try:
@@ -332,10 +339,10 @@ def byte_counts(model, context: int, batch: int = 1, x1_estimation: str = "sampl
     base = model.base if hasattr(model, "flow") else model
     cfg = base.cfg
     act = jnp.dtype(cfg.dtype).itemsize
-    layers = sum(_nb(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                     layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                     layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
-                 for layer in base.layers)
+    ly = base.layers  # stacked: every layer at once
+    layers = _nb(ly.input_layernorm.weight, ly.post_attention_layernorm.weight, ly.self_attn.q_proj,
+                 ly.self_attn.k_proj, ly.self_attn.v_proj, ly.self_attn.o_proj, ly.mlp.gate_proj, ly.mlp.up_proj,
+                 ly.mlp.down_proj)
     kv = _kv_bytes(cfg, batch, context)
     head = _head_bytes(base)
     main = {"layers": layers, "lm_head": head, "embedding_rows": batch * cfg.hidden_size * act, "kv_cache": kv}
@@ -344,7 +351,7 @@ def byte_counts(model, context: int, batch: int = 1, x1_estimation: str = "sampl
         return out
     flow, s = model.flow, model.settings
     reused, own = 0, 0
-    for bl, fl in zip(base.layers, flow.layers):
+    for bl, fl in [(base.layers, flow.layers)]:  # stacked: every layer at once
         reused += _nb(bl.input_layernorm.weight, bl.post_attention_layernorm.weight)
         for name in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             proj = getattr(fl, name)
@@ -391,7 +398,7 @@ class _StepPrograms:
     """Jitted one-token main step, flow evaluation, LM head and all-layer modulation of an
     L2D model at a given batch / context: for XLA's byte counts and component timings."""
 
-    def __init__(self, model, batch: int, context: int):
+    def __init__(self, model, batch: int, context: int, kernels: backend.Kernels = backend.XLA):
         from flax import nnx
 
         from l2d_jax.models.llm import init_cache
@@ -405,16 +412,17 @@ class _StepPrograms:
         kv_valid = jnp.ones((b, s), bool)
         idx = jnp.int32(s - 1)
         dt = jnp.dtype(cfg.dtype)
+        self.kernels = kernels
 
-        def main_step(state, tok, cache, idx):
+        def main_step(state, tok, cache, idx, kernels=kernels):
             m = nnx.merge(graphdef, state)
             bm = m.base if is_l2d else m
-            out = bm(tok, jnp.full((b, 1), idx), cache=cache, cache_index=idx, kv_valid=kv_valid)
+            out = bm(tok, jnp.full((b, 1), idx), cache=cache, cache_index=idx, kv_valid=kv_valid, kernels=kernels)
             return out.logits, out.cache, out.hidden
 
-        def head(state, h):
+        def head(state, h, kernels=kernels):
             m = nnx.merge(graphdef, state)
-            return (m.base if is_l2d else m).head(h)
+            return (m.base if is_l2d else m).head(h, kernels)
 
         self.programs = {
             "main_step": (main_step, (state, jnp.zeros((b, 1), jnp.int32), cache, idx)),
@@ -423,14 +431,12 @@ class _StepPrograms:
         if is_l2d:
             d = model.settings.flow_dim(cfg.hidden_size)
 
-            def flow_eval(state, h, cache, x, t, idx):
+            def flow_eval(state, h, cache, x, t, idx, kernels=kernels):
                 m = nnx.merge(graphdef, state)
-                return m.flow_only(h, cache, x, t, jnp.full((b, 1), idx), idx, kv_valid)
+                return m.flow_only(h, cache, x, t, jnp.full((b, 1), idx), idx, kv_valid, kernels=kernels)
 
             def modulation(state, t):
-                m = nnx.merge(graphdef, state)
-                cond = m.conditioning(jnp.full((b, 1), t), None)
-                return [m.layer_modulation(i, cond) for i in range(cfg.num_layers)], m.final_scale(cond)
+                return nnx.merge(graphdef, state).flow_modulation(jnp.full((b, 1), t))
 
             def flow_table(state):
                 return nnx.merge(graphdef, state).flow_table()
@@ -451,11 +457,10 @@ class _StepPrograms:
     def xla_bytes(self, name: str) -> float | None:
         """XLA's bytes accessed, compiled with XLA's ops: cost analysis does not see the
         bytes the CPU kernels' custom calls read."""
-        if not (cpu_matvec.enabled() or cpu_attention.enabled()):
+        if self.kernels == backend.XLA:
             return _cost_bytes(self.compile(name))
         fn, args = self.programs[name]
-        with library.disabled():
-            return _cost_bytes(jax.jit(lambda *a: fn(*a)).lower(*args).compile())
+        return _cost_bytes(jax.jit(functools.partial(fn, kernels=backend.XLA)).lower(*args).compile())
 
     def time_ms(self, name: str, repeats: int = 7) -> float:
         fn, args = self.programs[name]
@@ -471,7 +476,7 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
                    solver: str = "midpoint", prompt_len: int = 32, repeats: int = 3,
                    max_seconds_per_point: float | None = 120.0, machine: dict | None = None,
                    profile: bool = True, progress: bool = True, model_name: str = "",
-                   on_update=None) -> dict:
+                   on_update=None, kernels: str = "auto") -> dict:
     """Tokens/s of ``generate`` for every (batch, ode_steps); see the module docstring.
 
     ``model``: an ``L2DModel`` (an ``LLM`` allows only ``steps = (0,)``). Greedy tokens, x1
@@ -492,7 +497,8 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
     machine = machine_info() if machine is None else machine
     bw = machine.get("memory_bandwidth_gbps")
     ode = ODEOptions.from_settings(model.settings, method=solver) if is_l2d else ODEOptions(method=solver)
-    opts = GenerateOptions(max_new_tokens=new_tokens, ode=ode, max_ode_points=max(2, *steps))
+    opts = GenerateOptions(max_new_tokens=new_tokens, ode=ode, max_ode_points=max(2, *steps), kernels=kernels)
+    kern = backend.resolve(kernels, cfg)
     x1_mode = ode.x1_estimation
     context = prompt_len + new_tokens  # the fixed-size cache attention reads every step
     counts1 = byte_counts(model, context, 1, x1_mode)
@@ -500,11 +506,12 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
 
     info = {"model": model_name, "dtype": cfg.dtype, "solver": solver, "new_tokens": new_tokens,
             "prompt_len": prompt_len, "x1_estimation": x1_mode, "repeats": repeats,
+            "kernel_backend": kernels, "kernels": dataclasses.asdict(kern),
             "bytes_main_step": main1, "bytes_flow_eval": flow1,
             "bytes_parts": {k: v for k, v in counts1.items() if k.endswith("_parts")}}
-    matvec_bw = layer_matvec_gbps(model)
+    matvec_bw = layer_matvec_gbps(model, kernels=kern)
     info["layer_matvec_gbps"] = matvec_bw
-    progs1 = _StepPrograms(model, 1, prompt_len + new_tokens)
+    progs1 = _StepPrograms(model, 1, prompt_len + new_tokens, kern)
     info["xla_bytes_main_step"] = progs1.xla_bytes("main_step")
     info["xla_bytes_flow_eval"] = progs1.xla_bytes("flow_eval") if is_l2d else None
     if profile:
@@ -556,8 +563,8 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
         for b in batches:
             prompts = random_prompts(b, prompt_len, cfg.vocab_size, seed=b)
             ids, mask = left_pad([list(map(int, r)) for r in prompts], pad_id=0, length=prompt_len)
-            pre = jax.block_until_ready(prefill(model, ids, mask, new_tokens))
-            prefill_s = _median(_timed(lambda: jax.block_until_ready(prefill(model, ids, mask, new_tokens)),
+            pre = jax.block_until_ready(prefill(model, ids, mask, new_tokens, 1, kernels))
+            prefill_s = _median(_timed(lambda: jax.block_until_ready(prefill(model, ids, mask, new_tokens, 1, kernels)),
                                        max(3, repeats)))
             counts = byte_counts(model, context, b, x1_mode)
 
@@ -940,7 +947,7 @@ def run_generate(args) -> int:
     report = bench_generate(model, batches=batches, steps=steps, new_tokens=args.new_tokens,
                             solver=args.solver, prompt_len=args.prompt_len, repeats=args.repeats,
                             machine=machine, model_name=f"{name} + L2D {args.l2d} (fresh flow)",
-                            on_update=save)
+                            on_update=save, kernels=args.kernels)
     out = write_json(report, args.json)
     png = plot_generate(report, png_path)
     _print_generate(report)

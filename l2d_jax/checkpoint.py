@@ -2,12 +2,17 @@
 
 ::
 
-    CKPT_DIR/l2d_jax.json   {"format_version": 1, "kind": "base"|"l2d", "hf_config": {...},
+    CKPT_DIR/l2d_jax.json   {"format_version": 2, "kind": "base"|"l2d", "hf_config": {...},
                              "dtype": "<param dtype>", "l2d_settings": {...} (kind l2d only)}
     CKPT_DIR/tokenizer/     tokenizer.save_pretrained (incl. the chat template); absent when
                             the source had no tokenizer
     CKPT_DIR/base/          orbax checkpoint of the base parameters (the LLM's pure dict)
     CKPT_DIR/flow/          orbax checkpoint of the flow parameters (kind l2d only)
+
+Format 2 stores the decoder layers stacked (``layers/<param>`` with a leading layer axis, as
+the model holds them); format 1 (before 2026-12-07) stored one subtree per layer
+(``layers/<i>/<param>``). Format 1 directories still load: ``restore_params`` stacks their
+layers on the host and then places them on the target (``stack_layers``).
 
 Writes go to ``CKPT_DIR.tmp-<pid>`` and are moved onto ``CKPT_DIR`` with ``os.replace`` when
 complete; on any error the temporary directory is removed, so a failed write leaves nothing.
@@ -30,7 +35,8 @@ import numpy as np
 
 from l2d_jax.errors import L2DError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one subtree per layer, stacked on load
 MANIFEST = "l2d_jax.json"
 TOKENIZER_DIR = "tokenizer"
 KINDS = ("base", "l2d")
@@ -124,9 +130,9 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise L2DError(f"{path} is not valid JSON: {e}") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise L2DError(f"{path}: format_version {version!r} is not supported (this l2d-jax reads "
-                       f"{FORMAT_VERSION}); convert the model again")
+                       f"{', '.join(map(str, READABLE_VERSIONS))}); convert the model again")
     if manifest.get("kind") not in KINDS:
         raise L2DError(f"{path}: kind {manifest.get('kind')!r} is not one of {KINDS}")
     for key in ("hf_config", "dtype"):
@@ -150,10 +156,66 @@ def restore_params(ckpt_dir: str | os.PathLike, part: str = "base", target: Mapp
         raise L2DError(f"checkpoint {ckpt_dir} has no {part}/ part")
     import orbax.checkpoint as ocp
 
+    version = read_manifest(ckpt_dir)["format_version"]
     with ocp.StandardCheckpointer() as ckptr:
-        if target is None:
-            target = local_abstract_tree(ckptr.metadata(path).item_metadata.tree)
+        if target is None or version == 1:
+            tree = ckptr.restore(path, local_abstract_tree(ckptr.metadata(path).item_metadata.tree))
+            if version == 1:
+                tree = stack_layers(tree)
+            if target is None:
+                return tree
+            return jax.tree.map(lambda x, t: jax.device_put(jax.numpy.asarray(x, t.dtype), t.sharding), tree, target)
         return ckptr.restore(path, target)
+
+
+def map_layer_stacks(tree, fn):
+    """``tree`` (a training state: params, optimizer moments, ...) with ``fn`` applied to every
+    decoder-layer stack, i.e. the ``layers`` entry of a dict found under a ``base`` / ``flow``
+    key, at any depth (optax states are tuples / NamedTuples of such dicts)."""
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            if k in PARTS and isinstance(v, Mapping) and "layers" in v:
+                out[k] = {kk: fn(vv) if kk == "layers" else map_layer_stacks(vv, fn) for kk, vv in v.items()}
+            else:
+                out[k] = map_layer_stacks(v, fn)
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_layer_stacks(v, fn) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_layer_stacks(v, fn) for v in tree)
+    return tree
+
+
+def per_layer_target(stack):
+    """A stacked abstract subtree (ShapeDtypeStructs with a leading layer axis and
+    NamedShardings) -> the format-1 target: {i: that layer's ShapeDtypeStructs}."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def one(a, i):
+        sharding = a.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sharding)
+
+    n = jax.tree.leaves(stack)[0].shape[0]
+    return {i: jax.tree.map(lambda a, i=i: one(a, i), stack) for i in range(n)}
+
+
+def stacked(per_layer: Mapping):
+    """{i: subtree} of arrays -> one subtree whose arrays have a leading layer axis."""
+    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[per_layer[i] for i in range(len(per_layer))])
+
+
+def stack_layers(part: Mapping) -> dict:
+    """A format-1 part (``layers`` a dict of per-layer subtrees keyed 0..L-1) in the format-2
+    layout (one subtree whose arrays have a leading layer axis); other parts unchanged."""
+    part = dict(part)
+    layers = part.get("layers")
+    if isinstance(layers, Mapping) and layers and all(isinstance(k, int) for k in layers):
+        per_layer = [layers[i] for i in range(len(layers))]
+        part["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+    return part
 
 
 def _orbax_save(path: Path, tree: Mapping) -> None:

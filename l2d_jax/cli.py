@@ -169,6 +169,8 @@ def _add_bench(subparsers) -> None:
     g.add_argument("--steps", default="0,2,4,8,16", help="ODE grid points to sweep (default 0,2,4,8,16)")
     g.add_argument("--solver", default="midpoint", help="fixed-grid ODE solver (default midpoint)")
     g.add_argument("--prompt-len", type=int, default=32, help="prompt length (default 32)")
+    g.add_argument("--kernels", choices=("auto", "xla", "cpu"), default="auto",
+                   help="CPU kernel backend (default auto: the CPU kernels on one CPU device in float32)")
     g.add_argument("--l2d", choices=("lora", "full"), default="lora",
                    help="released L2D settings for the fresh flow path (default lora)")
     g.add_argument("--json", required=True, metavar="PATH", help="results; the plot goes next to it (.png)")

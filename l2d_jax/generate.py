@@ -25,6 +25,7 @@ import numpy as np
 
 from l2d_jax import nstep as nstep_lib
 from l2d_jax import solvers
+from l2d_jax.kernels import backend
 from l2d_jax.models.llm import LLM, init_cache, positions_from_mask
 from l2d_jax.sampling import Sampler
 
@@ -39,6 +40,12 @@ class GenerateOptions:
     ode: nstep_lib.ODEOptions = nstep_lib.ODEOptions()
     max_ode_points: int = 64  # largest ode_steps a compiled program accepts
     return_logits: bool = False  # also return the (B, N, V) logits of every step
+    kernels: str = "auto"  # CPU kernel backend (kernels/backend.py): "auto", "xla" or "cpu"
+
+    def __post_init__(self):
+        if self.kernels not in backend.BACKENDS:
+            raise backend.KernelBackendError(f"GenerateOptions.kernels must be one of {backend.BACKENDS}, "
+                                             f"got {self.kernels!r}")
 
 
 class GenerateOutput(NamedTuple):
@@ -104,12 +111,13 @@ class Prefilled(NamedTuple):
     position: jax.Array  # (B,) RoPE position of the last prompt token
 
 
-def _prefill(model, ids, mask, n_new: int, repeats: int) -> Prefilled:
+def _prefill(model, ids, mask, n_new: int, repeats: int, kernels: backend.Kernels) -> Prefilled:
     base = model if isinstance(model, LLM) else model.base
     b, p = ids.shape
     kv_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
     positions = positions_from_mask(mask)
-    pre = base(ids, positions, cache=init_cache(base.cfg, b, p + n_new), cache_index=0, kv_valid=kv_valid)
+    pre = base(ids, positions, cache=init_cache(base.cfg, b, p + n_new), cache_index=0, kv_valid=kv_valid,
+               kernels=kernels)
     out = Prefilled(pre.cache, kv_valid, pre.hidden[:, -1:], positions[:, -1])
     if repeats == 1:
         return out
@@ -119,7 +127,8 @@ def _prefill(model, ids, mask, n_new: int, repeats: int) -> Prefilled:
 
 
 def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temperature,
-            guidance, class_labels, init_noise, eos_id, opts: GenerateOptions) -> GenerateOutput:
+            guidance, class_labels, init_noise, eos_id, opts: GenerateOptions,
+            kernels: backend.Kernels) -> GenerateOutput:
     is_l2d = not isinstance(model, LLM)
     base = model.base if is_l2d else model
     b = pre.kv_valid.shape[0]
@@ -156,7 +165,7 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
         pos = c.position[:, None]
 
         def base_logits(_=None):  # inside the cond branch: no LM head pass when the ODE runs
-            return base.head(c.h_last)[:, 0], jnp.zeros((b,), jnp.int32)
+            return base.head(c.h_last, kernels)[:, 0], jnp.zeros((b,), jnp.int32)
 
         if not is_l2d:
             return base_logits()
@@ -164,7 +173,7 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
         def flow_logits(x, t, conditional):
             labels = class_labels if conditional else None
             mod = None if modulation_at is None else modulation_at(t)
-            return model.flow_only(c.h_last, c.cache, x, t, pos, slot, c.kv_valid, labels, mod)
+            return model.flow_only(c.h_last, c.cache, x, t, pos, slot, c.kv_valid, labels, mod, kernels)
 
         def run_ode(_):
             if init_noise is None:
@@ -195,7 +204,8 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
         done = c.done | (tok == eos_id)
         slot = p + c.i
         kv_valid = c.kv_valid.at[:, slot].set(True)
-        step = base(tok[:, None], (c.position + 1)[:, None], cache=c.cache, cache_index=slot, kv_valid=kv_valid)
+        step = base(tok[:, None], (c.position + 1)[:, None], cache=c.cache, cache_index=slot, kv_valid=kv_valid,
+                    kernels=kernels)
         all_logits = None if c.logits is None else c.logits.at[:, c.i].set(logits)
         return _Carry(c.i + 1, step.cache, kv_valid, step.hidden, c.position + 1, tokens, done,
                       c.nfe + nfe_row, all_logits)
@@ -218,8 +228,12 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
 # The model goes in as a pytree (an NNX module is one): flattening it costs ~9 ms per call on
 # SmolLM2-135M where nnx.split + a static graphdef cost ~85 ms, i.e. ~2.5 ms per token of a
 # 32-token batch-1 call.
-_prefill_jit = jax.jit(_prefill, static_argnames=("n_new", "repeats"))
-_decode_jit = jax.jit(_decode, static_argnames=("opts",))
+_prefill_jit = jax.jit(_prefill, static_argnames=("n_new", "repeats", "kernels"))
+_decode_jit = jax.jit(_decode, static_argnames=("opts", "kernels"))
+
+
+def _llm_cfg(model):
+    return model.cfg if isinstance(model, LLM) else model.base.cfg
 
 
 def compiled_programs() -> int:
@@ -230,12 +244,14 @@ def compiled_programs() -> int:
         return 0
 
 
-def prefill(model, ids, mask, max_new_tokens: int, num_return_sequences: int = 1) -> Prefilled:
+def prefill(model, ids, mask, max_new_tokens: int, num_return_sequences: int = 1,
+            kernels: str = "auto") -> Prefilled:
     """The main path of left-padded prompts ids/mask (B, P) into a cache with room for
     ``max_new_tokens`` (``opts.max_new_tokens`` of the ``generate`` calls that reuse it);
-    with ``num_return_sequences`` > 1 each prompt's rows are repeated (B * n rows)."""
+    with ``num_return_sequences`` > 1 each prompt's rows are repeated (B * n rows).
+    ``kernels``: the CPU kernel backend (``kernels/backend.py``)."""
     return _prefill_jit(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                        int(max_new_tokens), int(num_return_sequences))
+                        int(max_new_tokens), int(num_return_sequences), backend.resolve(kernels, _llm_cfg(model)))
 
 
 def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler = Sampler(0.0),
@@ -269,7 +285,7 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
         raise ValueError(f"ode_steps counts ODE grid points: 0 (base model) or 2..{opts.max_ode_points} "
                          f"(raise GenerateOptions.max_ode_points), got {ode_steps}")
     if prefilled is None:
-        prefilled = prefill(model, ids, mask, opts.max_new_tokens, n)
+        prefilled = prefill(model, ids, mask, opts.max_new_tokens, n, opts.kernels)
     want = (b, ids.shape[1] + opts.max_new_tokens)
     if tuple(prefilled.kv_valid.shape) != want:
         raise ValueError(f"prefilled holds {tuple(prefilled.kv_valid.shape)} (rows, prompt + new slots); these "
@@ -285,7 +301,8 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
         jnp.float32(1.0 if g is None else g),
         None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
         None if init_noise is None else jnp.asarray(init_noise, jnp.float32),
-        jnp.int32(eos_id), opts)
+        # the resolved Kernels are the program's identity, not the name asked for ("auto" = "cpu" here)
+        jnp.int32(eos_id), dataclasses.replace(opts, kernels="auto"), backend.resolve(opts.kernels, _llm_cfg(model)))
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, system: str | None = None) -> list[list[int]]:

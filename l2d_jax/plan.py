@@ -293,7 +293,7 @@ def _residual_bytes(llm_cfg, settings, rows: int, length: int, remat: bool) -> i
     def objective(train, frozen, ids, labels, keys, classes):
         m = nnx.merge(graphdef, train, frozen)
         terms = loss_terms(m, ids, labels, keys, class_labels=classes if guided else None, train=True,
-                           remat_layers=remat)
+                           remat="full" if remat else "none")
         return terms.losses.sum()
 
     policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -333,7 +333,7 @@ def _gathered_bytes(halves, sizes: Mapping[str, int], rules) -> int:
     import jax
 
     tensor_only = dict(sizes, data=1, fsdp=1)
-    per_layer: dict[int, int] = {}
+    per_layer = 0  # one layer's gathered bytes (layers are stacked: a stacked leaf / L)
     ends = 0
     for state, pure, dtype in halves:
         if not jax.tree.leaves(pure):
@@ -346,10 +346,10 @@ def _gathered_bytes(halves, sizes: Mapping[str, int], rules) -> int:
             keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
             nbytes = -(-_nbytes(x.shape, dtype or x.dtype) // d_part)
             if len(keys) > 2 and keys[1] == "layers":
-                per_layer[int(keys[2])] = per_layer.get(int(keys[2]), 0) + nbytes
+                per_layer += -(-nbytes // x.shape[0])
             else:
                 ends += nbytes
-    return ends + sum(sorted(per_layer.values(), reverse=True)[:2])
+    return ends + 2 * per_layer
 
 
 # --------------------------------------------------------------------------- the plan

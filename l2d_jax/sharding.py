@@ -32,6 +32,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lora", None),
     ("classes", None),
     ("length", None),
+    ("layers", None),  # the stacked layer axis: scanned over, never sharded by default
 )
 
 

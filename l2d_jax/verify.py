@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from l2d_jax import diffusion, solvers
+from l2d_jax.convert.names import get_param
 from l2d_jax.errors import L2DError
 
 # Tolerances of the goldens README (float32 implementation).
@@ -158,10 +159,7 @@ def grads_by_original_name(model, grads) -> dict[str, np.ndarray]:
     for e in original_names(model.settings, model.cfg):
         if e.alias_of is not None or not e.trainable:
             continue
-        node = pure
-        for p in e.path:
-            node = node[p]
-        g = np.asarray(node, np.float32)
+        g = np.asarray(get_param(pure, e.path), np.float32)
         out[e.name] = g.T if e.transpose else g
     return out
 

@@ -80,8 +80,9 @@ def test_byte_counts_match_parameter_bytes(tiny):
     base = model.base
     assert c["main_parts"]["layers"] + c["main_parts"]["lm_head"] == bench._nb(base)  # tied: embed = head
     p = c["flow_parts"]
-    assert p["flow_projections"] == sum(bench._nb(getattr(fl, n)) for fl in model.flow.layers
-                                        for n in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    fl = model.flow.layers  # stacked: every layer at once
+    assert p["flow_projections"] == sum(bench._nb(getattr(fl, n)) for n in ("q_proj", "o_proj", "gate_proj",
+                                                                           "up_proj", "down_proj"))
     assert bench.ideal_cost_ratio(100, 50, 0) == 1.0
     assert bench.ideal_cost_ratio(100, 50, 2) == 2.5
 

@@ -78,7 +78,7 @@ def test_convert_to_bfloat16(tmp_path):
                     "--dtype", "bfloat16") == 0
     assert checkpoint.read_manifest(tmp_path / "out")["dtype"] == "bfloat16"
     model, _ = load_l2d(tmp_path / "out", dtype="bfloat16")
-    assert model.flow.layers[0].q_proj.A[...].dtype == jnp.bfloat16
+    assert model.flow.layers.q_proj.A[...].dtype == jnp.bfloat16
     ref = load_file(str(d / "l2d_state.safetensors"))
     exported = export_original_state(model)
     assert all(np.array_equal(exported[k], v.astype(ml_dtypes.bfloat16).astype(np.float32)) for k, v in ref.items())

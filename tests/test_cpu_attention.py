@@ -1,6 +1,6 @@
 """The XLA:CPU decoding-attention custom call (l2d_jax/kernels/cpu_attention.{py,cc}).
 
-Compared with ``llm.attend`` (XLA) on the layer's slice, on shapes that hit each path of the
+Compared with ``block.attend`` (XLA) on the layer's slice, on shapes that hit each path of the
 kernel: grouped query heads, several query rows, keys not a multiple of the 8-key blocks,
 head sizes that are a multiple of 64 (vector paths), of neither 8 nor 64 (plain loops), a
 layer big enough to split over the thread pool, and fully masked rows.
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from l2d_jax.kernels import cpu_attention, library
-from l2d_jax.models import llm
+from l2d_jax.models import block as llm
 
-pytestmark = pytest.mark.skipif(not cpu_attention.enabled(), reason="no C++ compiler or not a 1-device CPU")
+pytestmark = pytest.mark.skipif(not library.load(), reason="no C++ compiler")
 
 # (B, T, H, Hkv, S, hd, L)
 SHAPES = [(1, 1, 9, 3, 40, 64, 3), (3, 2, 8, 2, 1000, 64, 2), (2, 8, 4, 4, 7, 64, 1),
@@ -68,22 +68,31 @@ def test_gradient_goes_through_xla_attention():
     assert not np.any(np.asarray(got[1][0]))  # layer 0 is not read
 
 
-def test_dispatch_rules_and_errors(monkeypatch):
+def test_dispatch_rules_and_errors():
     q, k, v, mask = _inputs((1, 1, 4, 2, 16, 64, 2))
     cache = {"k": k, "v": v}
 
-    def uses_kernel(q, kv, mask):
-        return cpu_attention.TARGET in jax.jit(lambda a, c, m: llm.attend_kv(a, c, 1, m)).lower(q, kv, mask).as_text()
+    def uses_kernel(q, kv, mask, kernel=True):
+        fn = jax.jit(lambda a, c, m: llm.attend_kv(a, c, 1, m, kernel))
+        return cpu_attention.TARGET in fn.lower(q, kv, mask).as_text()
 
     assert uses_kernel(q, cache, mask)
     assert not uses_kernel(q, (k[1], v[1]), mask)  # a layer's own pair (training): XLA
     assert not uses_kernel(q.astype(jnp.bfloat16), cache, mask)
     many = jnp.ones((1, cpu_attention.MAX_ROWS + 1, 4, 64), jnp.float32)
     assert not uses_kernel(many, cache, jnp.ones((1, cpu_attention.MAX_ROWS + 1, 16), bool))
-    with library.disabled():
-        assert not uses_kernel(q, cache, mask)
-    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
-    assert not uses_kernel(q, cache, mask)
-    monkeypatch.undo()
+    assert not uses_kernel(q, cache, mask, kernel=False)  # the xla backend
     with pytest.raises(ValueError, match="mask"):
         cpu_attention.attend(q, k, v, 0, mask[:, :, :5], llm.attend)
+
+
+def test_layer_index_of_a_scan():
+    """In a scan over layers the layer is a traced operand: each step reads its own layer."""
+    q, k, v, mask = _inputs((2, 1, 4, 2, 24, 64, 3))
+
+    def per_layer(kernel):
+        def body(_, i):
+            return None, llm.attend_kv(q, {"k": k, "v": v}, i, mask, kernel)
+        return jax.jit(lambda: jax.lax.scan(body, None, jnp.arange(3))[1])()
+
+    np.testing.assert_allclose(per_layer(True), per_layer(False), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,8 @@ weights' boundaries).
 
 from __future__ import annotations
 
+import functools
+
 import threading
 
 import jax
@@ -19,7 +21,7 @@ import pytest
 
 from l2d_jax.kernels import cpu_matvec, library
 
-pytestmark = pytest.mark.skipif(not cpu_matvec.enabled(), reason="no C++ compiler or not a 1-device CPU")
+pytestmark = pytest.mark.skipif(not library.load(), reason="no C++ compiler")
 
 SHAPES = [(576, 576), (576, 192), (1536, 576), (576, 1536), (576, 8192), (37, 5), (3, 3000), (130, 1)]
 
@@ -44,7 +46,7 @@ def test_matches_float64(rows, transposed):
     for k, ns in GROUPS:
         x = rng.standard_normal((rows, k)).astype(np.float32)
         ws = [rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32) for n in ns]
-        fn = jax.jit(lambda a, *b: cpu_matvec.matmuls(a, b, transposed=transposed))
+        fn = jax.jit(lambda a, *b: cpu_matvec.matmuls(a, b, transposed=transposed, kernel=True))
         hlo = fn.lower(x, *ws).as_text()
         assert hlo.count(f"custom_call @{cpu_matvec.TARGET}(") == 1
         for w, got in zip(ws, fn(x, *ws), strict=True):
@@ -62,7 +64,7 @@ def test_several_weights_gradient_and_errors():
     def loss(a, b, f):
         return sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(f(a, b)))
 
-    got = jax.grad(loss, argnums=(0, 1))(x, ws, lambda a, b: cpu_matvec.matmuls(a, b))
+    got = jax.grad(loss, argnums=(0, 1))(x, ws, lambda a, b: cpu_matvec.matmuls(a, b, kernel=True))
     want = jax.grad(loss, argnums=(0, 1))(x, ws, lambda a, b: [a @ w for w in b])
     for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
@@ -70,19 +72,15 @@ def test_several_weights_gradient_and_errors():
         cpu_matvec.matmuls(x, [ws[0], jnp.ones((41, 3), jnp.float32)])
 
 
-def test_dispatch_rules(monkeypatch):
+def test_dispatch_rules():
     x1 = jnp.ones((1, 64), jnp.float32)
     w = jnp.ones((64, 32), jnp.float32)
-    mm = cpu_matvec.matmul
+    mm = functools.partial(cpu_matvec.matmul, kernel=True)
     assert _has_custom_call(mm, x1, w)
     many = jnp.ones((cpu_matvec.MAX_ROWS + 1, 64), jnp.float32)
     assert not _has_custom_call(mm, many, w)  # matrix-matrix: XLA's dot
     assert not _has_custom_call(mm, x1.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    with library.disabled():
-        assert not _has_custom_call(mm, x1, w)
-    assert _has_custom_call(mm, x1, w)
-    monkeypatch.setenv(cpu_matvec.ENV_SWITCH, "0")
-    assert not _has_custom_call(mm, x1, w)
+    assert not _has_custom_call(cpu_matvec.matmul, x1, w)  # the xla backend (kernel=False)
 
 
 def test_gradient_and_vmap_match_xla():
@@ -93,7 +91,7 @@ def test_gradient_and_vmap_match_xla():
         def loss(a, b, f):
             return jnp.sum(jnp.sin(f(a, b, transposed)))
 
-        got = jax.grad(loss, argnums=(0, 1))(x, ww, lambda a, b, t: cpu_matvec.matmul(a, b, transposed=t))
+        got = jax.grad(loss, argnums=(0, 1))(x, ww, lambda a, b, t: cpu_matvec.matmul(a, b, transposed=t, kernel=True))
         want = jax.grad(loss, argnums=(0, 1))(x, ww, lambda a, b, t: cpu_matvec._xla(a, (b,), t)[0])
         for g, h in zip(got, want):
             np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
@@ -108,7 +106,7 @@ def test_concurrent_calls_are_correct():
     rng = np.random.default_rng(1)
     ws = [jnp.asarray(rng.standard_normal((576, 1536)), jnp.float32) for _ in range(2)]
     xs = [jnp.asarray(rng.standard_normal((1, 576)), jnp.float32) for _ in range(2)]
-    fn = jax.jit(lambda a, b: cpu_matvec.matmul(a, b))
+    fn = jax.jit(lambda a, b: cpu_matvec.matmul(a, b, kernel=True))
     wants = [np.asarray(x, np.float64) @ np.asarray(w, np.float64) for x, w in zip(xs, ws)]
     errors = []
 

@@ -158,40 +158,45 @@ def test_a_shared_prefill_gives_what_a_fresh_one_gives(model):
 
 def test_cpu_kernels_are_used_and_decode_like_xla(model, monkeypatch):
     """Batch-1 decoding on one CPU device runs the custom calls of l2d_jax/kernels: a cached
-    step is one decoder-stack call plus the LM head's matmul; without the decoder kernel, one
-    matmul per group of projections that share their input (q/k/v, o, gate/up, down) and
-    one attention per layer reading the stacked cache. The tokens equal those of XLA's own
-    ops, with and without the flow path."""
+    step is one decoder-stack call plus the LM head's matmul; without the decoder kernel, the
+    scanned block: one matmul per group of projections that share their input (q/k/v, o,
+    gate/up, down; LoRA-free base) and one attention reading the stacked cache, each once in
+    the scan's body. The tokens equal those of XLA's own ops, with and without the flow path.
+    The backend is a static option: switching it recompiles, with no cache to clear."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
-    from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec
+    from l2d_jax.kernels import backend, cpu_attention, cpu_decoder, cpu_matvec, library
     from l2d_jax.models.llm import init_cache
 
-    switches = (cpu_decoder.ENV_SWITCH, cpu_matvec.ENV_SWITCH, cpu_attention.ENV_SWITCH)
-    if not (cpu_matvec.enabled() and cpu_attention.enabled() and cpu_decoder.enabled()):
-        pytest.skip("no C++ compiler or not a 1-device CPU")
+    if not library.load():
+        pytest.skip("no C++ compiler")
     cfg = model.base.cfg
     one = jnp.zeros((1, 1), jnp.int32)
 
-    def calls():
-        jax.clear_caches()  # the switches are read at trace time
-        step = jax.jit(lambda ids, c: model.base(ids, one, cache=c, cache_index=0,
-                                                 kv_valid=jnp.ones((1, 8), bool)).logits)
+    def calls(kernels):
+        step = jax.jit(lambda ids, c: model.base(ids, one, cache=c, cache_index=0, kv_valid=jnp.ones((1, 8), bool),
+                                                 kernels=kernels).logits)
         hlo = step.lower(one, init_cache(cfg, 1, 8)).as_text()
         return [hlo.count(f"custom_call @{k.TARGET}(") for k in (cpu_decoder, cpu_matvec, cpu_attention)]
 
-    assert calls() == [1, 1, 0]
-    monkeypatch.setenv(cpu_decoder.ENV_SWITCH, "0")
-    assert calls() == [0, 4 * cfg.num_layers + 1, cfg.num_layers]
+    assert backend.resolve("auto", cfg) == backend.Kernels(True, True, True)
+    assert calls(backend.Kernels(True, True, True)) == [1, 1, 0]
+    assert calls(backend.Kernels(True, True, False)) == [0, 4 + 1, 1]
+    assert calls(backend.XLA) == [0, 0, 0]
+    monkeypatch.setenv(backend.SWITCHES["decoder"], "0")  # read by resolve, outside the programs
+    assert backend.resolve("auto", cfg) == backend.Kernels(True, True, False)
+    monkeypatch.undo()
     i1, m1 = left_pad([PROMPTS[0]], pad_id=0)
-    runs = []
-    for on in ((True, True, True), (False, True, True), (False, False, False)):
-        for name, value in zip(switches, on):
-            monkeypatch.setenv(name, "1" if value else "0")
-        jax.clear_caches()
-        runs.append([np.asarray(generate(model, i1, m1, ode_steps=n, opts=OPTS).tokens) for n in (0, 4)])
-    jax.clear_caches()
+    runs, compiles = [], []
+    for name in ("cpu", "xla", "auto"):
+        before = compiled_programs()
+        opts = dataclasses.replace(OPTS, kernels=name)
+        runs.append([np.asarray(generate(model, i1, m1, ode_steps=n, opts=opts).tokens) for n in (0, 4)])
+        compiles.append(compiled_programs() - before)
+    assert compiles[1] == 2 and compiles[2] == 0  # xla: its own prefill and decode; auto: cpu's programs
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             np.testing.assert_array_equal(a, b)

@@ -88,6 +88,7 @@ def test_unknown_schedule_is_rejected():
 def test_decay_mask_excludes_biases_and_matches_the_original_names():
     from jax_tiny import tiny_l2d
     from flax import nnx
+    from l2d_jax.convert.names import stacked_path
     from l2d_jax.convert.torch_l2d import original_names
     from l2d_jax.models.l2d import FLOW
 
@@ -97,7 +98,8 @@ def test_decay_mask_excludes_biases_and_matches_the_original_names():
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat and all((not v) == k.endswith("['bias']") for k, v in flat.items()), flat
     # every trainable original name is known, and the original's rule agrees
-    names = {tuple(e.path): e.name for e in original_names(model.settings, model.cfg) if e.trainable}
+    names = {stacked_path(tuple(e.path))[0]: e.name for e in original_names(model.settings, model.cfg)
+             if e.trainable}  # per stacked parameter
     leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
     assert len(names) == len(leaves)
     for path, decays in leaves:

@@ -19,7 +19,7 @@ STAGES = {"adaptive_heun": 1, "fehlberg2": 2, "bosh3": 3, "dopri5": 6}
 # a (2, 4) state: row 0 has slow rates (easy), row 1 fast ones (hard)
 A = np.array([[0.1, -0.2, 0.15, -0.05], [-6.0, 4.0, -3.0, 5.0]])
 X0 = np.array([[1.0, -0.5, 2.0, 0.25], [-1.0, 0.8, 0.1, 1.5]])
-DECAY, L2D, NONAUTO = 0, 1, 2
+DECAY, L2D, NONAUTO, LOUD_AT_ONE = 0, 1, 2, 3
 
 
 def family(t, x, which, a):
@@ -27,12 +27,14 @@ def family(t, x, which, a):
     DECAY: dx/dt = a x (1 - t)^6, so x(1) = x0 exp(a / 7) (smooth through t = 1, where the
       solver zeroes the velocity anyway);
     L2D: the L2D shape (tanh(2x) - x) / (1 - t), NaN from t = 1 (must never be used there);
-    NONAUTO: dx/dt = (1 + t) sin(x) a.
+    NONAUTO: dx/dt = (1 + t) sin(x) a;
+    LOUD_AT_ONE: DECAY, but 1e6 from t = 1 (a solver that used it there would be far off).
     a: the rates, like x. In per-sequence mode t is (B,), one time per row."""
     tt = t if jnp.ndim(t) == 0 else t[:, None]
     terms = (a * x * (1 - tt) ** 6,
              jnp.where(tt >= 1, jnp.nan, (jnp.tanh(2 * x) - x) / (1 - tt)),
-             (1 + tt) * jnp.sin(x) * a)
+             (1 + tt) * jnp.sin(x) * a,
+             jnp.where(tt >= 1, 1e6, a * x * (1 - tt) ** 6))
     return sum(jnp.where(which == i, v, 0.0) for i, v in enumerate(terms))
 
 
@@ -126,11 +128,17 @@ def test_per_sequence_rows_have_their_own_steps(method):
 
 
 def test_velocity_is_zero_from_t_one():
-    # the L2D-shaped velocity is NaN from t = 1 (torchdiffeq's last stages land on and past 1)
+    """torchdiffeq's last stages land on and past t = 1, where the solver must use a zero
+    velocity, not f: the L2D-shaped velocity (NaN there) still gives a finite result, and a
+    velocity that is 1e6 there gives the exact solution of its smooth part, x0 exp(a / 7)."""
+    exact = X0 * np.exp(A / 7)
     with jax.enable_x64(True):
         for per_sequence in (False, True):
-            sol = solve(jnp.asarray(X0), L2D, 1e-3, "bosh3", per_sequence)
-            assert np.isfinite(np.asarray(sol.x)).all()
+            for method in METHODS:
+                sol = solve(jnp.asarray(X0), L2D, 1e-3, method, per_sequence)
+                assert np.isfinite(np.asarray(sol.x)).all()
+                loud = np.asarray(solve(jnp.asarray(X0), LOUD_AT_ONE, 1e-6, method, per_sequence).x)
+                np.testing.assert_allclose(loud, exact, rtol=1e-3, atol=1e-4, err_msg=method)
 
 
 def test_traced_tolerances_do_not_recompile():

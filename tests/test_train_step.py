@@ -77,6 +77,7 @@ def test_loss_and_gradients_match_the_original(golden):
     from l2d_jax.convert.hf import load_hf
     from l2d_jax.convert.l2d_torch import l2d_from_original, read_settings, read_state
     from l2d_jax.convert.torch_l2d import original_names
+    from l2d_jax.convert.names import get_param
     from l2d_jax.models.l2d import FLOW
 
     base, _ = load_hf(golden / "base")
@@ -102,9 +103,7 @@ def test_loss_and_gradients_match_the_original(golden):
     for e in original_names(model.settings, model.cfg):
         if not e.trainable or e.alias_of is not None:
             continue
-        g = pure
-        for p in e.path:
-            g = g[p]
+        g = get_param(pure, e.path)
         g = np.asarray(g).T if e.transpose else np.asarray(g)
         r = ref_grads[e.name]
         err = np.abs(g - r).max() / max(1.0, np.abs(r).max())
@@ -355,11 +354,11 @@ def test_token_weighted_normalisation(model):
 def test_remat_gives_the_same_loss_and_gradients(model):
     ids, labels = step_batch(4, seed=5)
     results = {}
-    for remat in ("none", "layer", "full"):
+    for remat in ("none", "layer", "full", "save_dots"):  # "layer": the old name of "full"
         tr = make_trainer(model, one_device_mesh(), n=4, micro=2, remat=remat)
         _, met = tr.train_step(tr.init_state(1), tr.frozen_params(), tr.shape_batch(ids, labels))
         results[remat] = (float(met["loss"]), [np.asarray(g) for g in jax.tree.leaves(met["grads"])])
-    for remat in ("layer", "full"):
+    for remat in ("layer", "full", "save_dots"):
         assert results[remat][0] == pytest.approx(results["none"][0], rel=1e-6)
         for a, b in zip(results[remat][1], results["none"][1]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -372,8 +371,29 @@ def test_layer_remat_forward_equals_the_model_forward(model):
     tt = jnp.asarray(np.random.default_rng(1).uniform(size=(b, t)), jnp.float32)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(b, t, 16)), jnp.float32)
     want = model(ids, tt, x).logits
-    got = step.forward(model, ids, tt, x, remat_layers=True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    for policy in ("full", "save_dots"):
+        got = step.forward(model, ids, tt, x, remat=policy)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_layers_are_scanned_not_unrolled():
+    """The traced train forward / backward holds one copy of the decoder block whatever the
+    depth: its matmul count does not grow with the number of layers."""
+    from jax_tiny import tiny_l2d
+
+    def dots(num_layers):
+        m = tiny_l2d(0, num_hidden_layers=num_layers)
+        ids = jnp.zeros((1, 4), jnp.int32)
+        x = jnp.zeros((1, 4, 16), jnp.float32)
+
+        def loss(m):
+            return step.forward(m, ids, 0.5, x, remat="full").sum()
+
+        jaxpr = jax.make_jaxpr(lambda m: jax.grad(loss)(m))(m)
+        return str(jaxpr).count("dot_general"), str(jaxpr).count("scan[")
+
+    (d2, s2), (d5, s5) = dots(2), dots(5)
+    assert d2 == d5 and s2 == s5 >= 2  # forward and backward scans
 
 
 @pytest.mark.slow

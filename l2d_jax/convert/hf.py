@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from l2d_jax.convert.names import hf_to_path, path_to_hf
+from l2d_jax.convert.names import hf_to_path, path_to_hf, stacked_path
 from l2d_jax.errors import L2DError
 from l2d_jax.models.llm import LLM, LLMConfig
 
@@ -229,15 +229,40 @@ def params_from_state_dict(cfg: LLMConfig | Mapping, state_dict: Mapping) -> LLM
 
 
 def build_llm(cfg: LLMConfig, refs: Mapping[str, TensorRef], source: str = "checkpoint") -> LLM:
-    """Fills an abstractly built LLM tensor by tensor. Checks every name and shape first."""
+    """Fills an abstractly built LLM tensor by tensor. Checks every name and shape first.
+
+    A stacked parameter (L, ...) is one aligned host buffer filled layer by layer, then
+    adopted by JAX without another copy."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(state)
-    expected = dict(_flatten(pure))  # path -> ShapeDtypeStruct
+    stacked = dict(_flatten(pure))  # stacked path -> ShapeDtypeStruct
+    expected = dict(_layer_paths(stacked))  # one-layer path -> (shape, dtype)
     plan = _plan(cfg, refs, expected, source)
+    buffers: dict[tuple, np.ndarray] = {}
     for path, (ref, transpose) in plan.items():
-        _set(pure, path, _convert(ref.read(), transpose, expected[path].dtype))
+        target, layer = stacked_path(path)
+        if layer is None:
+            _set(pure, path, _convert(ref.read(), transpose, expected[path][1]))
+            continue
+        if target not in buffers:
+            buffers[target] = _aligned_empty(stacked[target].shape, np.dtype(stacked[target].dtype))
+        values = ref.read()
+        np.copyto(buffers[target][layer], values.T if transpose else values, casting="unsafe")
+        del values
+    for target, host in buffers.items():
+        _set(pure, target, jax.device_put(host))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def _layer_paths(stacked: Mapping[tuple, object]) -> Iterable[tuple[tuple, tuple]]:
+    """(one-layer path, (shape, dtype)) of every tensor HF stores, from the stacked paths."""
+    for path, leaf in stacked.items():
+        if path[0] == "layers":
+            for i in range(leaf.shape[0]):
+                yield ("layers", i) + path[1:], (tuple(leaf.shape[1:]), leaf.dtype)
+        else:
+            yield path, (tuple(leaf.shape), leaf.dtype)
 
 
 def _plan(cfg: LLMConfig, refs: Mapping[str, TensorRef], expected: dict, source: str) -> dict:
@@ -249,7 +274,8 @@ def _plan(cfg: LLMConfig, refs: Mapping[str, TensorRef], expected: dict, source:
             ignored.append(name)
             continue
         path, transpose = mapped
-        want = expected[path].shape[::-1] if transpose else expected[path].shape
+        shape = expected[path][0]
+        want = shape[::-1] if transpose else shape
         if tuple(ref.shape) != tuple(want):
             raise L2DError(f"tensor {name} in {ref.origin} has shape {tuple(ref.shape)}, "
                            f"expected {tuple(want)} from config.json")
@@ -313,9 +339,12 @@ def llm_to_hf_state(model: LLM) -> dict[str, np.ndarray]:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     out = {}
     for path, value in _flatten(pure):
-        name, transpose = path_to_hf(path)
         arr = np.asarray(value)
-        out[name] = np.ascontiguousarray(arr.T) if transpose else arr
+        layers = [(("layers", i) + path[1:], arr[i]) for i in range(arr.shape[0])] if path[0] == "layers" \
+            else [(path, arr)]
+        for one, a in layers:
+            name, transpose = path_to_hf(one)
+            out[name] = np.ascontiguousarray(a.T) if transpose else a
     return out
 
 

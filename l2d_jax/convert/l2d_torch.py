@@ -371,20 +371,22 @@ def l2d_from_original(base: LLM, settings: L2DSettings, state: Mapping[str, np.n
     pure["base"] = nnx.to_pure_dict(nnx.state(base))
     check_base = True
     if settings.base_params_to_freeze == "none":
-        from l2d_jax.convert.torch_l2d import _set
+        from l2d_jax.convert.names import get_param, set_params
 
+        base_values = {}
         for e in original_names(settings, base.cfg):
             if e.alias_of is None and e.path[0] == "base":
                 if e.name not in state:
                     raise StateMismatch(f"checkpoint lacks {e.name!r} (base_params_to_freeze='none': "
                                         "the base was trained, so the state must hold it)")
                 value = np.asarray(state[e.name])
-                ours = _get_path(pure, e.path)
+                ours = get_param(pure, e.path)
                 want = tuple(ours.shape[::-1]) if e.transpose else tuple(ours.shape)
                 if tuple(value.shape) != want:
                     raise StateMismatch(f"tensor {e.name!r} has shape {tuple(value.shape)}, the settings "
                                         f"expect {want}")
-                _set(pure, e.path, jax.numpy.asarray(value.T if e.transpose else value, ours.dtype))
+                base_values[e.path] = value.T if e.transpose else value
+        set_params(pure, base_values)
         for e in original_names(settings, base.cfg):  # shared tensors must be saved equal
             if e.alias_of is not None and e.name in state and not np.array_equal(
                     np.asarray(state[e.name]), np.asarray(state[e.alias_of])):
@@ -399,12 +401,6 @@ def l2d_from_original(base: LLM, settings: L2DSettings, state: Mapping[str, np.n
         raise StateMismatch(f"the settings' name table leaves flow parameter "
                             f"{jax.tree_util.keystr(leftover[0])} unset")
     return model
-
-
-def _get_path(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):

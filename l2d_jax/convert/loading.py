@@ -204,7 +204,7 @@ def _tokenizer(tok, tokenizer_dir, path):
 
         return load_tokenizer(tokenizer_dir)
     if tok is None:
-        raise L2DError(f"{path} has no tokenizer; set tokenizer_dir (--set tokenizer_dir=PATH_OR_HUB_ID)")
+        raise L2DError(f"{path} has no tokenizer; set tokenizer_dir (--config.tokenizer_dir=PATH)")
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from l2d_jax.convert.names import hf_to_path
+from l2d_jax.convert.names import get_param, hf_to_path, set_params
 from l2d_jax.models.llm import LLMConfig
 from l2d_jax.errors import L2DError
 from l2d_jax.settings import L2DSettings
@@ -114,18 +114,6 @@ class StateMismatch(L2DError, ValueError):
     """A checkpoint whose names, shapes or base tensors do not fit the settings."""
 
 
-def _get(tree: dict, path: tuple):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for p in path[:-1]:
-        tree = tree[p]
-    tree[path[-1]] = value
-
-
 def import_original_state(model, state: Mapping[str, np.ndarray], *, check_base: bool = True):
     """Loads an original state_dict (numpy arrays, original names) into ``model`` (L2DModel).
 
@@ -143,6 +131,7 @@ def import_original_state(model, state: Mapping[str, np.ndarray], *, check_base:
     gd, st = nnx.split(model)
     pure = nnx.to_pure_dict(st)
     by_name = {e.name: e for e in entries}
+    flow_values = {}
     for e in entries:
         if e.name not in state:
             if e.alias_of is None and (e.trainable or not check_base):
@@ -150,15 +139,16 @@ def import_original_state(model, state: Mapping[str, np.ndarray], *, check_base:
             continue
         value = np.asarray(state[e.name])
         target = by_name[e.alias_of] if e.alias_of else e
-        ours = _get(pure, target.path)
+        ours = get_param(pure, target.path)
         want = tuple(ours.shape[::-1]) if target.transpose else tuple(ours.shape)
         if tuple(value.shape) != want:
             raise StateMismatch(f"tensor {e.name!r} has shape {tuple(value.shape)}, the settings expect {want}")
         value = value.T if target.transpose else value
         if e.alias_of is None and e.path[0] == "flow":
-            _set(pure, e.path, jnp.asarray(value, ours.dtype))
+            flow_values[e.path] = value
         elif check_base and not same_base_tensor(ours, value):
             raise StateMismatch(f"base tensor {e.name!r} differs from the base model's (wrong --base?)")
+    set_params(pure, flow_values)
     nnx.replace_by_pure_dict(st, pure)
     return nnx.merge(gd, st)
 
@@ -186,7 +176,7 @@ def export_original_state(model, dtype: str = "float32") -> dict[str, np.ndarray
         if e.alias_of is not None:
             out[e.name] = out[e.alias_of]
             continue
-        value = np.asarray(jnp.asarray(_get(pure, e.path)).astype(jnp.float32))
+        value = np.asarray(jnp.asarray(get_param(pure, e.path)).astype(jnp.float32))
         out[e.name] = np.ascontiguousarray(value.T if e.transpose else value)
     if dtype != "float32":
         import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)

@@ -632,7 +632,7 @@ def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[P
 
             mine = [prompts[union[i]] for i in distributed.process_shard(len(union))]
             for chunk, real, ids, mask in _batches(gen, mine):
-                pre = prefill(gen.model, ids, mask, opts.max_new_tokens, n_samples)
+                pre = prefill(gen.model, ids, mask, opts.max_new_tokens, n_samples, opts.kernels)
                 labels = _class_labels(gen, task, chunk)
                 new_rows = []
                 for label, ode_steps, weight in runs:

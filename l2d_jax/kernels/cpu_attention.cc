@@ -2,7 +2,7 @@
 // XLA FFI custom call (cpu_attention.py).
 //
 //   q (B, T, H, hd), k / v (L, B, Hkv, S, hd) (the whole stacked cache), mask (B, T, S) bool,
-//   attribute layer -> out (B, T, H, hd):
+//   layer () int32 (an operand, so that a scan over layers can pass its index) -> out (B, T, H, hd):
 //   out[b, t, h] = softmax_s(where(mask[b, t, s], q[b, t, h] . k[layer, b, g, s] / sqrt(hd),
 //                                  -FLT_MAX)) @ v[layer, b, g]    with g = h / (H / Hkv)
 //
@@ -31,8 +31,9 @@ using l2d::Rows;
 constexpr int64_t kMinBytesToSplit = 1 << 18;  // keys + values of a layer, all items
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
-                         ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> layer_b,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t layer = *layer_b.typed_data();
   const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || md.size() != 3)
     return ffi::Error::InvalidArgument("l2d_attention: needs q (B, T, H, hd), k / v (L, B, Hkv, S, hd), mask (B, T, S)");
@@ -72,5 +73,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(L2dAttentionF32, AttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("layer"));
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

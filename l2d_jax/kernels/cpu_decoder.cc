@@ -6,9 +6,10 @@
 // (M, hd) its RoPE rotation; mask (M, S) bool the cache slots it attends to; slot () int32 the
 // cache slot of the new position; k, v (L, M, Hkv, S, hd) the stacked cache; modulation
 // (L, F, R, H) with R = 1 (shared by the rows) or M: per layer the effective RMSNorm weights
-// norm1, norm2 and, with F = 6, the shifts and scales shift1, scale1, shift2, scale2; then L
-// layers of 28 buffers: for each of q, k, v, o, gate, up, down W (K, N), bias (N), LoRA A
-// (K, r), LoRA B (r, N) (a size-0 buffer stands for "none"): y = x W + bias + lora_scale (x A) B.
+// norm1, norm2 and, with F = 6, the shifts and scales shift1, scale1, shift2, scale2; then 28
+// buffers stacked over the L layers (the model's own stacked parameters, read in place): for
+// each of q, k, v, o, gate, up, down W (L, K, N), bias (L, N), LoRA A (L, K, r), LoRA B (L, r, N)
+// (a size-0 buffer stands for "none"): y = x W + bias + lora_scale (x A) B.
 // Attrs: num_heads, eps, lora_scale, write_kv.
 // Rets: out (M, H); with write_kv also k, v (aliased to the args k, v: written in place).
 //
@@ -41,7 +42,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLeading = 8;             // args before the layers' buffers
-constexpr int64_t kPerLayer = 28;            // buffers per layer
+constexpr int64_t kStacked = 28;             // stacked weight buffers (7 projections x 4)
 constexpr int64_t kPhasesPerLayer = 9;       // 4 groups x (products, finish) + attention
 enum Proj { kQ, kK, kV, kO, kGate, kUp, kDown, kProjs };
 
@@ -201,9 +202,7 @@ ffi::Error Fail(const std::string& what) { return ffi::Error::InvalidArgument("l
 ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_heads,
                        float eps, float lora_scale, bool write_kv) {
   auto f32 = [&](size_t i) { return args.get<ffi::AnyBuffer>(i); };
-  if (args.size() < kLeading || (args.size() - kLeading) % kPerLayer != 0)
-    return Fail("expected 8 + 28 x layers args");
-  const int64_t L = (args.size() - kLeading) / kPerLayer;
+  if (args.size() != kLeading + kStacked) return Fail("expected 8 + 28 args");
   auto h_in = f32(0), cos_b = f32(1), sin_b = f32(2), mask_b = f32(3), slot_b = f32(4);
   auto k_in = f32(5), v_in = f32(6), mod_b = f32(7);
   if (!h_in.has_value() || !k_in.has_value() || !v_in.has_value() || !mask_b.has_value() || !slot_b.has_value() ||
@@ -211,8 +210,8 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
     return Fail("bad leading args");
   const auto hd_ = h_in->dimensions(), kd = k_in->dimensions();
   if (hd_.size() != 2 || kd.size() != 5) return Fail("h must be (M, H) and k / v (L, M, Hkv, S, hd)");
-  const int64_t M = hd_[0], H = hd_[1], Hkv = kd[2], S = kd[3], hd = kd[4];
-  if (kd[0] != L || kd[1] != M || num_heads % Hkv != 0 || hd > 512 || hd % 2 != 0)
+  const int64_t L = kd[0], M = hd_[0], H = hd_[1], Hkv = kd[2], S = kd[3], hd = kd[4];
+  if (kd[1] != M || num_heads % Hkv != 0 || hd > 512 || hd % 2 != 0)
     return Fail("cache shape, layer count or head counts do not agree");
   if (mask_b->element_type() != ffi::DataType::PRED || slot_b->element_type() != ffi::DataType::S32)
     return Fail("mask must be bool and slot int32");
@@ -248,14 +247,15 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
   std::vector<Layer> layers(L);
   const int64_t Hq = num_heads * hd, Hk = Hkv * hd;
   for (int64_t l = 0; l < L; ++l) {
-    const size_t base = kLeading + l * kPerLayer;
     bool wrong_type = false;
+    // layer l's slice of stacked buffer i (L, ...), or nullptr for a size-0 "none"
     auto ptr = [&](size_t i) -> const float* {
-      auto b = f32(base + i);
+      auto b = f32(kLeading + i);
       if (!b.has_value() || b->element_count() == 0) return nullptr;
       wrong_type |= b->element_type() != ffi::DataType::F32;
-      return reinterpret_cast<const float*>(b->untyped_data());
+      return reinterpret_cast<const float*>(b->untyped_data()) + l * (b->element_count() / L);
     };
+    auto dims = [&](size_t i) { return f32(kLeading + i)->dimensions(); };
     Layer& ly = layers[l];
     const float* field = modp + l * F * R * H;  // (F, R, H)
     ly.norm1 = field, ly.norm2 = field + R * H;
@@ -274,19 +274,19 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
         }
         return Fail("a projection weight is missing");
       }
-      auto wd = f32(base + o)->dimensions();
-      if (wd.size() != 2) return Fail("projection weights must be 2-D");
-      pr.K = wd[0], pr.N = wd[1];
+      auto wd = dims(o);
+      if (wd.size() != 3 || wd[0] != L) return Fail("projection weights must be (L, K, N)");
+      pr.K = wd[1], pr.N = wd[2];
       if (j == kGate) inter = pr.N;
       const int64_t want_in = j == kDown ? inter : in[j], want_out = (j == kGate || j == kUp) ? inter : outn[j];
       if (pr.K != want_in || pr.N != want_out) return Fail("a projection has the wrong shape");
-      if (pr.bias && f32(base + o + 1)->element_count() != pr.N) return Fail("a bias has the wrong size");
+      if (pr.bias && f32(kLeading + o + 1)->element_count() != L * pr.N) return Fail("a bias has the wrong size");
       if ((pr.a == nullptr) != (pr.b == nullptr)) return Fail("a LoRA needs both A and B");
       if (pr.a) {
-        auto ad = f32(base + o + 2)->dimensions(), bd = f32(base + o + 3)->dimensions();
-        if (ad.size() != 2 || bd.size() != 2) return Fail("LoRA factors must be 2-D");
-        pr.r = ad[1];
-        if (ad[0] != pr.K || bd[0] != pr.r || bd[1] != pr.N || pr.r > 64) return Fail("LoRA factors of the wrong shape (rank <= 64)");
+        auto ad = dims(o + 2), bd = dims(o + 3);
+        if (ad.size() != 3 || bd.size() != 3 || ad[0] != L || bd[0] != L) return Fail("LoRA factors must be (L, K, r) and (L, r, N)");
+        pr.r = ad[2];
+        if (ad[1] != pr.K || bd[1] != pr.r || bd[2] != pr.N || pr.r > 64) return Fail("LoRA factors of the wrong shape (rank <= 64)");
       }
     }
     if (wrong_type) return Fail("every weight must be float32");

@@ -8,20 +8,20 @@ wakes the intra-op pool again; this call runs norms, projections (with LoRA delt
 biases), RoPE, the cache write, attention, the SwiGLU MLP and the modulation's shifts and
 scales of every layer, spread over the pool's threads as one team with a barrier per phase.
 
-``run(h, cos, sin, mask, slot, cache, layers, modulation, ...)`` is the entry point;
-``usable(...)`` says whether it applies at trace time: h (M, H) with 1 <= M <= ``MAX_ROWS``
-rows (one new position per sequence), everything float32, LoRA ranks <= ``MAX_LORA_RANK``,
-``$L2D_CPU_DECODER`` not ``0`` and the kernel library available (``library.py``). Callers
-(``LLM.__call__``, ``L2DModel.flow_only``) fall back to their per-layer code otherwise. It has no gradient: decoding with a KV cache is not
-trained through (differentiating raises an error that says how to turn the kernel off).
+``run(h, cos, sin, mask, slot, cache, weights, modulation, ...)`` is the entry point. The
+weights are the model's stacked parameters (``block.BlockWeights``, every array with a
+leading layer axis), read in place. ``usable(...)`` says whether the shapes fit: h (M, H)
+with 1 <= M <= ``MAX_ROWS`` rows (one new position per sequence), everything float32, LoRA
+ranks <= ``MAX_LORA_RANK``; ``unsupported(cfg)`` names a block feature of the model that the
+kernel does not implement (the kernel backend then refuses it, ``backend.py``). Callers
+(``LLM.__call__``, ``L2DModel.flow_only``) run the scanned block otherwise. It has no
+gradient: decoding with a KV cache is not trained through (differentiating raises an error
+that says how to turn the kernel off).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,49 +31,32 @@ from l2d_jax.kernels import library
 MAX_ROWS = 8
 MAX_LORA_RANK = 64
 TARGET = "l2d_cpu_decoder_f32"
-ENV_SWITCH = "L2D_CPU_DECODER"
 
 
-class Projection(NamedTuple):
-    """y = x @ w (+ bias) (+ lora_scale * (x @ a) @ b): w (K, N), bias (N,), a (K, r), b (r, N)."""
-
-    w: jax.Array
-    bias: jax.Array | None = None
-    a: jax.Array | None = None
-    b: jax.Array | None = None
-
-
-class Layer(NamedTuple):
-    """The projections of one decoder layer of a stream (k, v None for a stream that only
-    reads the cache)."""
-
-    q: Projection
-    k: Projection | None
-    v: Projection | None
-    o: Projection
-    gate: Projection
-    up: Projection
-    down: Projection
+def unsupported(cfg) -> str | None:
+    """The first feature of an ``LLMConfig``'s decoder block that this kernel does not
+    implement (None: it runs the model's block exactly). It implements RMSNorm, q/k/v biases,
+    rotate-half RoPE, grouped-query attention, SwiGLU and the L2D modulation."""
+    if getattr(cfg, "qk_norm", False):
+        return "qk_norm (per-head RMSNorm of q and k)"
+    if cfg.head_dim > 512 or cfg.head_dim % 2:
+        return f"head_dim {cfg.head_dim} (needs an even head_dim <= 512)"
+    return None
 
 
-def enabled() -> bool:
-    """Whether programs traced now on this thread can use the kernel at all."""
-    return library.available(ENV_SWITCH)
-
-
-def usable(h: jax.Array, cache: dict, layers: Sequence[Layer], modulation: jax.Array) -> bool:
-    """Whether ``run`` applies: see the module docstring."""
-    arrays = [h, cache["k"], cache["v"], modulation, *jax.tree.leaves(list(layers))]
-    ranks = [p.a.shape[-1] for ly in layers for p in ly if p is not None and p.a is not None]
+def usable(h: jax.Array, cache: dict, weights, modulation: jax.Array) -> bool:
+    """Whether ``run`` takes these shapes and dtypes: see the module docstring."""
+    projs = tuple(weights)[:7]  # q, k, v, o, gate, up, down (the block's qk-norm is refused earlier)
+    arrays = [h, cache["k"], cache["v"], modulation, *jax.tree.leaves(projs)]
+    ranks = [p.a.shape[-1] for p in projs if p is not None and p.a is not None]
     return (h.ndim == 2 and 1 <= h.shape[0] <= MAX_ROWS and all(a.dtype == jnp.float32 for a in arrays)
-            and max(ranks, default=0) <= MAX_LORA_RANK and enabled())
+            and max(ranks, default=0) <= MAX_LORA_RANK)
 
 
-def _flat(layers: Sequence[Layer]) -> list[jax.Array]:
-    """The layers' buffers in the kernel's order (28 per layer, size 0 for "none")."""
+def _flat(weights) -> list[jax.Array]:
+    """The stacked buffers in the kernel's order (4 per projection, size 0 for "none")."""
     empty = jnp.zeros((0,), jnp.float32)
-    return [empty if x is None else x for ly in layers for p in ly
-            for x in (p if p is not None else (None,) * 4)]
+    return [empty if x is None else x for p in tuple(weights)[:7] for x in (p if p is not None else (None,) * 4)]
 
 
 def _call(args, num_heads, eps, lora_scale, write_kv):
@@ -95,16 +78,18 @@ def _kernel(args, num_heads, eps, lora_scale, write_kv):
 def _kernel_fwd(args, num_heads, eps, lora_scale, write_kv):
     raise NotImplementedError(
         "cpu_decoder has no gradient: it runs few-row decoding with a KV cache; differentiate "
-        "the model without a cache, or set L2D_CPU_DECODER=0")
+        "the model without a cache, or use the xla kernel backend")
 
 
 _kernel.defvjp(_kernel_fwd, lambda *a: None)
 
 
 def run(h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax.Array | int, cache: dict,
-        layers: Sequence[Layer], modulation: jax.Array, *, num_heads: int, eps: float,
+        weights, modulation: jax.Array, *, num_heads: int, eps: float,
         lora_scale: float = 1.0, write_kv: bool) -> tuple[jax.Array, dict]:
-    """The stream h (M, H) through ``layers`` (layer i reads / writes cache layer i).
+    """The stream h (M, H) through the stacked layers ``weights`` (``block.BlockWeights`` of
+    (L, ...) arrays; k / v None for a stream that only reads the cache): layer i reads /
+    writes cache layer i.
 
     cos / sin (M, hd) RoPE of the new position; mask (M, S) bool the cache slots it attends
     to; slot: cache slot of the new position (written with ``write_kv``); cache {"k", "v"}
@@ -117,12 +102,13 @@ def run(h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax
         raise RuntimeError("cpu_decoder: the kernel library is unavailable (see the warning)")
     m, hid = h.shape
     k, v = cache["k"], cache["v"]
-    if (len(layers) != k.shape[0] or k.shape[1] != m or mask.shape != (m, k.shape[3])
-            or modulation.shape[:2] not in ((len(layers), 2), (len(layers), 6)) or modulation.ndim != 4
+    n_layers = weights[0].w.shape[0]
+    if (n_layers != k.shape[0] or k.shape[1] != m or mask.shape != (m, k.shape[3])
+            or modulation.shape[:2] not in ((n_layers, 2), (n_layers, 6)) or modulation.ndim != 4
             or modulation.shape[2] not in (1, m) or modulation.shape[3] != hid):
-        raise ValueError(f"cpu_decoder: {len(layers)} layers, h {h.shape}, mask {mask.shape}, modulation "
+        raise ValueError(f"cpu_decoder: {n_layers} layers, h {h.shape}, mask {mask.shape}, modulation "
                          f"{modulation.shape} do not fit the cache {k.shape} (L, M, Hkv, S, hd)")
     args = [h, cos.reshape(m, -1), sin.reshape(m, -1), mask.astype(bool), jnp.asarray(slot, jnp.int32), k, v,
-            modulation, *_flat(layers)]
+            modulation, *_flat(weights)]
     outs = _kernel(tuple(args), int(num_heads), np.float32(eps), np.float32(lora_scale), bool(write_kv))
     return outs[0], ({"k": outs[1], "v": outs[2]} if write_kv else cache)

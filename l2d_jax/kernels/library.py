@@ -6,14 +6,12 @@ The first use compiles every ``*.cc`` here with the host's C++ compiler (``$CXX`
 model/flags (it is built with ``-march=native``), and registers each kernel's XLA FFI target.
 Without a compiler it warns once and the kernels' callers fall back to XLA.
 
-A kernel is used only where ``available()``: the default backend is CPU with exactly one
-device (a custom call has no SPMD partitioning rule, so sharded programs keep XLA's ops),
-the library loads, and no ``disabled()`` block is open on this thread.
+Whether a program uses the kernels at all is its kernel backend (``backend.py``), resolved
+once outside the models.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 
@@ -96,28 +93,6 @@ def load() -> bool:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return True
     except (OSError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"CPU kernels unavailable, using XLA's ops ({e}); set L2D_CPU_MATVEC=0, "
-                      f"L2D_CPU_ATTENTION=0 and L2D_CPU_DECODER=0 to silence this", stacklevel=3)
+        warnings.warn(f"CPU kernels unavailable, using XLA's ops ({e}); choose the 'xla' kernel backend "
+                      f"(--kernels xla) to silence this", stacklevel=3)
         return False
-
-
-_off = threading.local()
-
-
-@contextlib.contextmanager
-def disabled():
-    """Programs traced inside (on this thread) use XLA's ops, e.g. for XLA's cost analysis,
-    which does not see the bytes a custom call reads."""
-    before = getattr(_off, "on", False)
-    _off.on = True
-    try:
-        yield
-    finally:
-        _off.on = before
-
-
-def available(env_switch: str) -> bool:
-    """Whether programs traced now on this thread can use a kernel switched by ``env_switch``
-    (``0`` turns it off)."""
-    return (os.environ.get(env_switch, "1") != "0" and not getattr(_off, "on", False)
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and load())

@@ -6,7 +6,9 @@ trainable parameter), so ``nnx.split(model, FLOW, ...)`` gives the trainable pyt
 Per layer l the main stream h runs the unchanged base layer; the flow stream f runs the
 same layer shape with the base norms (weights shifted by the modulation), its own query /
 output / MLP projections (base, full copies or base + LoRA) and attention over the MAIN
-stream's keys and values of layer l. The final hidden state is ``h_L + r(t) * f_L``.
+stream's keys and values of layer l. The final hidden state is ``h_L + r(t) * f_L``. Both
+streams are ``block.decoder_block``, scanned together over the stacked layers (``flow.layers``
+is one ``FlowLayer`` with a leading layer axis, like ``base.layers``).
 
 Two entry points:
 - ``__call__``: main and flow streams together (training, full forward).
@@ -26,8 +28,9 @@ from flax import nnx
 
 from l2d_jax import diffusion
 from l2d_jax.kernels import cpu_decoder
-from l2d_jax.models.llm import (LLM, Linear, LLMConfig, LLMOutput, Modulation, apply_rope, attend_kv, linears,
-                                matmul)
+from l2d_jax.kernels.backend import XLA, Kernels
+from l2d_jax.models.block import BlockWeights, Modulation, Projection, decoder_block, project, scan_layers
+from l2d_jax.models.llm import LLM, DecoderLayer, Linear, LLMConfig, LLMOutput, stack_modules
 from l2d_jax.settings import L2DSettings
 
 FLOW = nnx.PathContains("flow")  # filter: the trainable flow half of an L2DModel
@@ -61,26 +64,23 @@ class MLP(nnx.Module):
     def __init__(self, dims: list[int], cfg: LLMConfig, rngs: nnx.Rngs):
         self.layers = nnx.List([_linear(a, b, cfg, rngs) for a, b in zip(dims[:-1], dims[1:])])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kernel: bool = False) -> jax.Array:
         for i, layer in enumerate(self.layers):
-            x = layer(x) if i == 0 else layer(jax.nn.silu(x))
+            x = layer(x, kernel) if i == 0 else layer(jax.nn.silu(x), kernel)
         return x
+
+    def projections(self) -> list[Projection]:
+        return [lin.projection() for lin in self.layers]
 
 
 class LoRA(nnx.Module):
-    """Low-rank delta (x @ A @ B) * alpha / r beside a frozen base projection (x @ A is taken
-    together with the base projection, ``FlowLayer.project``; ``delta`` does the rest)."""
+    """Low-rank delta (x @ A @ B) * alpha / r beside a frozen base projection (applied by
+    ``block.project``; alpha / r is ``L2DSettings.lora_scale``)."""
 
-    def __init__(self, din: int, dout: int, rank: int, scale: float, cfg: LLMConfig, rngs: nnx.Rngs):
+    def __init__(self, din: int, dout: int, rank: int, cfg: LLMConfig, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.A = nnx.Param(jax.random.normal(rngs.params(), (din, rank), pd) / rank, axes=("flow_in", "lora"))
         self.B = nnx.Param(jnp.zeros((rank, dout), pd), axes=("lora", "flow_out"))
-        self.scale = scale
-        self.dtype = jnp.dtype(cfg.dtype)
-
-    def delta(self, xa: jax.Array) -> jax.Array:
-        """(x @ A) (..., r) -> the delta (..., out)."""
-        return matmul(xa.astype(self.dtype), self.B[...].astype(self.dtype)) * self.scale
 
 
 def _modulation_head(c: int, out: int, cfg: LLMConfig, rngs: nnx.Rngs) -> MLP:
@@ -94,14 +94,17 @@ def _modulation_head(c: int, out: int, cfg: LLMConfig, rngs: nnx.Rngs) -> MLP:
 PROJ_NAMES = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _base_projection(layer, name: str) -> Linear:
+def _base_projection(layer: DecoderLayer, name: str) -> Linear:
     return getattr(layer.self_attn if name in ("q_proj", "o_proj") else layer.mlp, name)
 
 
 class FlowLayer(nnx.Module):
-    """Per-layer flow parameters: the modulation head and the flow projections."""
+    """Per-layer flow parameters: the modulation head and the flow projections (None: the
+    base layer's). ``FlowPath.layers`` is one of these stacked over the layers."""
 
-    def __init__(self, s: L2DSettings, cfg: LLMConfig, rngs: nnx.Rngs, base_layer=None):
+    def __init__(self, s: L2DSettings, cfg: LLMConfig, rngs: nnx.Rngs, copy_base: bool = False):
+        """``copy_base``: full flow copies will be set to the base weights (by ``FlowPath``)
+        instead of drawn from torch's default init."""
         h, c = cfg.hidden_size, s.cond_dim(cfg.hidden_size)
         k = 6 if s.full_dit_modulation else 2
         self.modulation = _modulation_head(c, k * h, cfg, rngs)
@@ -113,31 +116,39 @@ class FlowLayer(nnx.Module):
             if not s.separate_flow_params:
                 proj = None
             elif s.use_lora:
-                proj = LoRA(din, dout, s.flow_lora_rank, s.lora_scale, cfg, rngs)
+                proj = LoRA(din, dout, s.flow_lora_rank, cfg, rngs)
             else:
                 bias = name == "q_proj" and cfg.attention_bias
                 proj = Linear(din, dout, ("flow_in", "flow_out"), bias=bias, cfg=cfg, rngs=rngs)
-                if s.reinit_flow_params or base_layer is None:
+                if s.reinit_flow_params or not copy_base:
                     pd = proj.kernel[...].dtype
                     proj.kernel[...] = torch_default_uniform(rngs.params(), (din, dout), pd, din)
                     if bias:
                         proj.bias[...] = torch_default_uniform(rngs.params(), (dout,), pd, din)
-                else:
-                    src = _base_projection(base_layer, name)
-                    proj.kernel[...] = src.kernel[...].astype(proj.kernel[...].dtype)
-                    if bias:
-                        proj.bias[...] = src.bias[...].astype(proj.bias[...].dtype)
             setattr(self, name, nnx.data(proj))
 
-    def project(self, base_layer, names: Sequence[str], x: jax.Array) -> list[jax.Array]:
-        """The flow stream's projections ``names`` of one input x (..., in): base, full copy,
-        or base + LoRA each; every weight that reads x (kernels, LoRA A's) in one call."""
-        projs = [getattr(self, name) for name in names]
-        lins = [p if isinstance(p, Linear) else _base_projection(base_layer, n) for n, p in zip(names, projs)]
-        loras = [p for p in projs if isinstance(p, LoRA)]
-        ys = linears(x, lins, [p.A[...] for p in loras])
-        xa = iter(ys[len(lins):])
-        return [y + p.delta(next(xa)) if isinstance(p, LoRA) else y for p, y in zip(projs, ys)]
+    def weights(self, base: DecoderLayer) -> BlockWeights:
+        """The flow stream's projections beside base layer(s) ``base`` (stacked or not): own
+        full copies, base + LoRA, or the base's; no k / v (it reads the main stream's)."""
+        def proj(name: str) -> Projection:
+            own, shared = getattr(self, name), _base_projection(base, name).projection()
+            if isinstance(own, Linear):
+                return own.projection()
+            return shared._replace(a=own.A[...], b=own.B[...]) if isinstance(own, LoRA) else shared
+
+        q_norm = base.self_attn.q_norm
+        return BlockWeights(proj("q_proj"), None, None, proj("o_proj"), proj("gate_proj"), proj("up_proj"),
+                            proj("down_proj"), None if q_norm is None else q_norm.weight[...])
+
+    def copy_from(self, base: DecoderLayer) -> None:
+        """Sets the full flow copies (``Linear``) to the base layer's weights."""
+        for name in PROJ_NAMES:
+            own = getattr(self, name)
+            if isinstance(own, Linear):
+                src = _base_projection(base, name)
+                own.kernel[...] = src.kernel[...].astype(own.kernel[...].dtype)
+                if own.bias is not None:
+                    own.bias[...] = src.bias[...].astype(own.bias[...].dtype)
 
 
 class FlowPath(nnx.Module):
@@ -165,8 +176,10 @@ class FlowPath(nnx.Module):
         self.label_embedder = nnx.data(nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (s.guidance_modulation_num_classes + 1, c), pd),
             axes=("classes", "flow_out")) if s.use_guidance else None)
-        base_layers = base.layers if base is not None else [None] * cfg.num_layers
-        self.layers = nnx.List([FlowLayer(s, cfg, rngs, bl) for bl in base_layers])
+        copy_base = base is not None and not s.reinit_flow_params
+        self.layers = stack_modules([FlowLayer(s, cfg, rngs, copy_base) for _ in range(cfg.num_layers)])
+        if copy_base:
+            self.layers.copy_from(base.layers)
         self.final_head = _modulation_head(c, h, cfg, rngs)
 
 
@@ -178,9 +191,6 @@ class FlowModulation(NamedTuple):
 
     layers: jax.Array
     final: jax.Array
-
-    def layer(self, i: int) -> Modulation:
-        return Modulation(*self.layers[i])
 
 
 class Conditioning(NamedTuple):
@@ -235,29 +245,31 @@ class L2DModel(nnx.Module):
             c = c + jnp.take(flow.label_embedder[...], labels, axis=0).astype(dt)[None]
         return Conditioning(c[0], c[1] if need_c0 else None)
 
-    def _chunks(self, head: MLP, cond: Conditioning, n: int) -> tuple[list, list | None]:
-        """A modulation head on c_t (and c_0), split into n chunks each.
+    def _chunks(self, head: Sequence[Projection], cond: Conditioning, n: int) -> tuple[list, list | None]:
+        """A modulation head (Linear, SiLU, Linear: ``MLP.projections()``) on c_t (and c_0),
+        split into n chunks each.
 
         The hidden layer runs once on stack([c_t, c_0]); the last layer runs separately on
         each half, as the original's two calls do: identical rows give identical z(t) and
         z(0) where t = 0, and the last bias's gradient, +g and -g summed separately, cancels
         to exactly 0 where the difference is taken.
         """
+        dt = jnp.dtype(self.cfg.dtype)
         both = cond.c_t[None] if cond.c_0 is None else jnp.stack([cond.c_t, cond.c_0])
-        hidden = jax.nn.silu(head.layers[0](both))
-        last = head.layers[1]
-        zt = jnp.split(last(hidden[0]), n, axis=-1)
-        z0 = None if cond.c_0 is None else jnp.split(last(hidden[1]), n, axis=-1)
+        hidden = jax.nn.silu(project(both, head[:1], dt)[0])
+        zt = jnp.split(project(hidden[0], head[1:], dt)[0], n, axis=-1)
+        z0 = None if cond.c_0 is None else jnp.split(project(hidden[1], head[1:], dt)[0], n, axis=-1)
         return zt, z0
 
-    def layer_modulation(self, i: int, cond: Conditioning) -> Modulation:
-        """The flow stream's effective norm weights, shifts and scales for layer i (spec 5)."""
-        s, layer = self.settings, self.base.layers[i]
+    def layer_modulation(self, head: Sequence[Projection], norms: Modulation, cond: Conditioning) -> Modulation:
+        """The flow stream's effective norm weights, shifts and scales of one layer (spec 5)
+        from its modulation head and the base layer's norm weights ``norms``."""
+        s = self.settings
         n = 6 if s.full_dit_modulation else 2
         freeze = s.freeze_modulation_at_flow_start
         # z(0) of the per-layer heads matters only under freeze (the final head always uses c_0)
-        zt, z0 = self._chunks(self.flow.layers[i].modulation, cond if freeze else cond._replace(c_0=None), n)
-        g1, g2 = layer.input_layernorm.weight[...], layer.post_attention_layernorm.weight[...]
+        zt, z0 = self._chunks(head, cond if freeze else cond._replace(c_0=None), n)
+        g1, g2 = norms.norm1, norms.norm2
         if s.full_dit_modulation:
             w1, sh1, sc1, w2, sh2, sc2 = zt
         else:
@@ -275,20 +287,24 @@ class L2DModel(nnx.Module):
 
     def final_scale(self, cond: Conditioning) -> jax.Array:
         """r = M_f(c_t) - M_f(c_0) (or M_f(c_t)): (B, T, H)."""
-        (rt,), r0 = self._chunks(self.flow.final_head, cond, 1)
+        (rt,), r0 = self._chunks(self.flow.final_head.projections(), cond, 1)
         return rt if r0 is None else rt - r0[0]
 
     def flow_modulation(self, t: jax.Array, class_labels: jax.Array | None = None) -> FlowModulation:
         """Per-layer modulations and the final scale for per-token t (B, T) and class
         labels (B, T) or None. Depends on nothing else, so generation can tabulate it."""
         cond = self.conditioning(t, class_labels)
-        fields = [[x for x in self.layer_modulation(i, cond) if x is not None] for i in range(self.cfg.num_layers)]
-        return FlowModulation(jnp.stack([jnp.stack(jnp.broadcast_arrays(*f)) for f in fields]),
-                              self.final_scale(cond))
+
+        def one(xs):
+            fields = [x for x in self.layer_modulation(*xs, cond) if x is not None]
+            return jnp.stack(jnp.broadcast_arrays(*fields))
+
+        layers = jax.lax.map(one, (self.flow.layers.modulation.projections(), self.base.layers.norms()))
+        return FlowModulation(layers, self.final_scale(cond))
 
     # ------------------------------------------------------------------ flow stream
 
-    def flow_input(self, x_t: jax.Array, t: jax.Array) -> jax.Array:
+    def flow_input(self, x_t: jax.Array, t: jax.Array, kernels: Kernels = XLA) -> jax.Array:
         """g(x_t): (B, T, D) -> (B, T, H) with the optional timestep rescaling (spec 4)."""
         s = self.settings
         dt = jnp.dtype(self.cfg.dtype)
@@ -304,41 +320,11 @@ class L2DModel(nnx.Module):
             std = jnp.sqrt(jnp.square(1 - tt) * s.noise_rescaling ** 2 + jnp.square(tt) * v1)
             x = x / std.astype(x.dtype) * c
             x = x.astype(in_dtype)
-        return x if self.flow.flow_to_lm is None else self.flow.flow_to_lm(x)
+        return x if self.flow.flow_to_lm is None else self.flow.flow_to_lm(x, kernels.matvec)
 
-    def flow_layer(self, i: int, f: jax.Array, kv: dict | tuple[jax.Array, jax.Array], mask: jax.Array,
-                   rope, mod: Modulation) -> jax.Array:
-        """One layer of the flow stream. f (B, T, H); kv: the main stream's keys/values, the
-        stacked cache or this layer's (k, v) (``llm.attend_kv``)."""
-        cfg, base_layer, flow_layer = self.cfg, self.base.layers[i], self.flow.layers[i]
-        b, t, _ = f.shape
-        a = base_layer.input_layernorm(f, mod.norm1)
-        a = a if mod.shift1 is None else a + mod.shift1
-        (q,) = flow_layer.project(base_layer, ["q_proj"], a)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
-        (o,) = flow_layer.project(base_layer, ["o_proj"], attend_kv(q, kv, i, mask))
-        f = f + (o if mod.scale1 is None else mod.scale1 * o)
-        x = base_layer.post_attention_layernorm(f, mod.norm2)
-        x = x if mod.shift2 is None else x + mod.shift2
-        gate, up = flow_layer.project(base_layer, ["gate_proj", "up_proj"], x)
-        (m,) = flow_layer.project(base_layer, ["down_proj"], jax.nn.silu(gate) * up)  # SwiGLU
-        return f + (m if mod.scale2 is None else mod.scale2 * m)
-
-    def flow_decoder_layer(self, i: int) -> cpu_decoder.Layer:
-        """The projections of layer i of the flow stream as ``cpu_decoder`` runs them (those
-        ``flow_layer`` uses)."""
-        base_layer, flow_layer = self.base.layers[i], self.flow.layers[i]
-
-        def proj(name: str) -> cpu_decoder.Projection:
-            own, base = getattr(flow_layer, name), _base_projection(base_layer, name)
-            lin = own if isinstance(own, Linear) else base
-            bias = None if lin.bias is None else lin.bias[...]
-            if isinstance(own, LoRA):
-                return cpu_decoder.Projection(lin.kernel[...], bias, own.A[...], own.B[...])
-            return cpu_decoder.Projection(lin.kernel[...], bias)
-
-        return cpu_decoder.Layer(proj("q_proj"), None, None, proj("o_proj"), proj("gate_proj"), proj("up_proj"),
-                                 proj("down_proj"))
+    def flow_weights(self) -> BlockWeights:
+        """The flow stream's stacked projections (L, ...) (``FlowLayer.weights``)."""
+        return self.flow.layers.weights(self.base.layers)
 
     # ------------------------------------------------------------------ entry points
 
@@ -346,17 +332,18 @@ class L2DModel(nnx.Module):
                  x_t: jax.Array | None = None, positions: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None, class_labels: jax.Array | None = None,
                  cache: dict | None = None, cache_index: jax.Array | int = 0,
-                 kv_valid: jax.Array | None = None) -> LLMOutput:
-        """Main and flow streams together.
+                 kv_valid: jax.Array | None = None, kernels: Kernels = XLA, remat: str = "none") -> LLMOutput:
+        """Main and flow streams together, one scan over the layers.
 
         input_ids (B, T); t scalar, (B,) or (B, T); x_t (B, T, D) the noisy flow input (None:
-        base model only); class_labels (B,) or (B, T) (guidance; None = null class).
+        base model only); class_labels (B,) or (B, T) (guidance; None = null class);
+        remat: the scanned block's rematerialisation policy (``block.REMAT_POLICIES``).
         Returns logits (B, T, V) float32, the main stream's h_L (B, T, H) and the cache.
         """
         if x_t is None:
             return self.base(input_ids, positions, attention_mask=attention_mask, cache=cache,
-                             cache_index=cache_index, kv_valid=kv_valid)
-        s, base = self.settings, self.base
+                             cache_index=cache_index, kv_valid=kv_valid, kernels=kernels, remat=remat)
+        s, base, cfg = self.settings, self.base, self.cfg
         b, n = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(n), (b, n))
@@ -366,19 +353,28 @@ class L2DModel(nnx.Module):
                          kv_valid=kv_valid)
         rope = base.rope(positions)
         cond = self.conditioning(t, class_labels)
-        h, f = base.embed(input_ids), self.flow_input(x_t, t)
-        for i, layer in enumerate(base.layers):
-            mod = self.layer_modulation(i, cond)
-            h, cache, kv = layer(h, rope, mask, cache, i, cache_index,
-                                 mod if s.modulate_hidden_states else None)
-            f = self.flow_layer(i, f, kv, mask, rope, mod)
-        logits = base.head(h + self.final_scale(cond) * f)
+        h, f = base.embed(input_ids), self.flow_input(x_t, t, kernels)
+
+        def body(carry, xs):
+            h, f, cache = carry
+            main_w, norms, flow_w, head, i = xs
+            mod = self.layer_modulation(head, norms, cond)
+            h, kv = decoder_block(h, main_w, mod if s.modulate_hidden_states else norms, rope, mask, cfg=cfg,
+                                  kv=cache, layer=i, cache_index=cache_index, kernels=kernels)
+            f, _ = decoder_block(f, flow_w, mod, rope, mask, cfg=cfg, kv=kv, layer=i,
+                                 lora_scale=s.lora_scale, kernels=kernels)
+            return (h, f, None if cache is None else kv), None
+
+        xs = (base.layers.weights(), base.layers.norms(), self.flow_weights(),
+              self.flow.layers.modulation.projections(), jnp.arange(cfg.num_layers))
+        (h, f, cache), _ = scan_layers(body, (h, f, cache), xs, remat)
+        logits = base.head(h + self.final_scale(cond) * f, kernels)
         return LLMOutput(logits, h, cache)
 
     def flow_only(self, h_last: jax.Array, cache: dict, x_t: jax.Array, t: jax.Array | float,
                   positions: jax.Array, cache_index: jax.Array | int, kv_valid: jax.Array,
                   class_labels: jax.Array | None = None,
-                  modulation: FlowModulation | None = None) -> jax.Array:
+                  modulation: FlowModulation | None = None, kernels: Kernels = XLA) -> jax.Array:
         """Flow stream only, for T new positions whose main stream is already in the cache.
 
         h_last (B, T, H): cached main-stream h_L at those positions; cache: the main K/V
@@ -387,25 +383,31 @@ class L2DModel(nnx.Module):
         caller already has it (then class_labels is unused). Returns logits (B, T, V) float32.
         """
         b, n, _ = x_t.shape
+        cfg = self.cfg
         t = broadcast_t(t, b, n)
         if modulation is None:
             modulation = self.flow_modulation(t, broadcast_labels(class_labels, b, n))
         mask = self.base.mask(n, cache=cache, cache_index=cache_index, kv_valid=kv_valid)
         rope = self.base.rope(positions)
-        f = self.flow_input(x_t, t)
-        stack = [self.flow_decoder_layer(i) for i in range(self.cfg.num_layers)] if n == 1 else None
-        mods = modulation.layers
-        rows = mods.reshape(mods.shape[:2] + (-1, mods.shape[-1])) if stack else None  # (L, F, 1 or B, H)
-        if stack and rows.shape[2] in (1, b) and cpu_decoder.usable(f[:, 0], cache, stack, rows):
+        f = self.flow_input(x_t, t, kernels)
+        weights, mods = self.flow_weights(), modulation.layers
+        rows = mods.reshape(mods.shape[:2] + (-1, mods.shape[-1])) if n == 1 else None  # (L, F, 1 or B, H)
+        if (n == 1 and kernels.decoder and rows.shape[2] in (1, b)
+                and cpu_decoder.usable(f[:, 0], cache, weights, rows)):
             # one new position per sequence: the whole stack in one custom call
-            f, _ = cpu_decoder.run(f[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache, stack,
-                                   rows, num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
+            f, _ = cpu_decoder.run(f[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache,
+                                   weights, rows, num_heads=cfg.num_heads, eps=cfg.rms_norm_eps,
                                    lora_scale=self.settings.lora_scale, write_kv=False)
             f = f[:, None]
         else:
-            for i in range(self.cfg.num_layers):
-                f = self.flow_layer(i, f, cache, mask, rope, modulation.layer(i))
-        return self.base.head(h_last + modulation.final * f)
+            def body(f, xs):
+                w, mod, i = xs
+                f, _ = decoder_block(f, w, Modulation(*mod), rope, mask, cfg=cfg, kv=cache, layer=i,
+                                     lora_scale=self.settings.lora_scale, kernels=kernels)
+                return f, None
+
+            f, _ = scan_layers(body, f, (weights, mods, jnp.arange(cfg.num_layers)))
+        return self.base.head(h_last + modulation.final * f, kernels)
 
 
 def broadcast_t(t, b: int, n: int) -> jax.Array:

@@ -7,10 +7,13 @@ convention, weights are never permuted. Kernels are stored ``(in, out)``.
 Every parameter carries logical axis names in its ``axes`` metadata (``embed``, ``vocab``,
 ``heads``, ``kv_heads``, ``mlp``, ``norm``); ``l2d_jax.sharding`` maps them onto a mesh.
 
-The math lives in small pure functions (``rms_norm``, ``rope_inv_freq``, ``apply_rope``,
-``attend``, ``causal_mask``); the modules only hold parameters and wire them up. A KV
-cache is a fixed-size pytree ``{"k": (L, B, Hkv, S, hd), "v": ...}`` so that decoding can
-live inside ``jax.lax.while_loop``; heads-major, so attention reads it in place.
+Layers are stored STACKED: ``layers`` is one ``DecoderLayer`` whose every parameter has a
+leading layer axis (logical name ``layers``), and the forward pass is one ``lax.scan`` of
+``block.decoder_block`` over it (XLA compiles one layer, not L copies). The math lives in
+``models/block.py`` (pure functions); the modules only hold parameters and hand them out as
+``block.BlockWeights``. A KV cache is a fixed-size pytree ``{"k": (L, B, Hkv, S, hd), "v":
+...}`` so that decoding can live inside ``jax.lax.while_loop``; heads-major, so attention
+reads it in place.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from l2d_jax.kernels import cpu_attention, cpu_decoder, cpu_matvec
+from l2d_jax.kernels import cpu_decoder, cpu_matvec
+from l2d_jax.kernels.backend import XLA, Kernels
+from l2d_jax.models.block import (BlockWeights, Modulation, Projection, causal_mask, decoder_block, matmuls,
+                                  rms_norm, rope_cos_sin, scan_layers)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 # --------------------------------------------------------------------------- config
@@ -53,6 +59,7 @@ class LLMConfig:
     max_position_embeddings: int
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
 
     @classmethod
     def from_hf(cls, hf: dict, dtype: str = "float32", param_dtype: str | None = None) -> "LLMConfig":
@@ -61,7 +68,7 @@ class LLMConfig:
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture model_type={model_type!r}; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3/3.1/3.2, SmolLM2, Qwen2/2.5)"
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3/3.1/3.2, SmolLM2, Qwen2/2.5, Qwen3 dense)"
             )
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
@@ -92,6 +99,7 @@ class LLMConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             dtype=dtype,
             param_dtype=param_dtype or dtype,
+            qk_norm=model_type == "qwen3",
         )
 
     def replace(self, **kw) -> "LLMConfig":
@@ -119,14 +127,7 @@ def _rope_settings(hf: dict) -> tuple[float, tuple | None]:
     return theta, tuple(sorted((k, float(scaling[k])) for k in keys))
 
 
-# --------------------------------------------------------------------------- pure math
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """HF RMSNorm: normalise in float32, cast back, then scale. x (..., H), weight (..., H)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * xf.astype(x.dtype)
+# --------------------------------------------------------------------------- RoPE
 
 
 def rope_inv_freq(cfg: LLMConfig) -> np.ndarray:
@@ -146,84 +147,11 @@ def rope_inv_freq(cfg: LLMConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin (B, T, hd) float32 for integer positions (B, T)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE. x (B, T, heads, hd); cos/sin (B, T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
-    """(B, Tq, S) bool: query at slot q may read cache slot s <= q where kv_valid.
-
-    q_slots (Tq,) int cache slots of the queries; kv_valid (B, S) bool.
-    """
-    s = jnp.arange(kv_valid.shape[1])
-    return (s[None, None, :] <= q_slots[None, :, None]) & kv_valid[:, None, :]
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q (B, Tq, H, hd), k/v heads-major (B, Hkv, S, hd), mask (B, Tq, S).
-
-    Scores and softmax in float32, probabilities cast to the value dtype. Returns (B, Tq, H*hd).
-    """
-    b, tq, h, hd = q.shape
-    hkv = k.shape[1]
-    # heads ahead of positions on the small q/out: the (B, Hkv, Tq, G, S) scores are then
-    # every dot's natural layout, and XLA transposes none of them (fwd or bwd); k/v come
-    # heads-major (the cache's layout), so decoding reads the cache in place
-    qg = q.reshape(b, tq, hkv, h // hkv, hd).transpose(0, 2, 1, 3, 4)
-    scores = jnp.einsum("bktgd,bksd->bktgs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(hd))
-    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bktgs,bksd->bktgd", probs, v).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, tq, h * hd)
-
-
-def attend_kv(q: jax.Array, kv: dict | tuple[jax.Array, jax.Array], layer: int, mask: jax.Array) -> jax.Array:
-    """``attend`` over one layer's keys/values: kv is either the stacked cache {"k", "v"}
-    (L, B, Hkv, S, hd), read at ``layer`` (in place by ``cpu_attention`` for a few float32
-    query rows on one CPU device), or the layer's own (k, v) pair (B, Hkv, S, hd)."""
-    if isinstance(kv, dict):
-        k, v = kv["k"], kv["v"]
-        if cpu_attention.usable(q, k, v):
-            return cpu_attention.attend(q, k, v, layer, mask, reference=attend)
-        k, v = k[layer], v[layer]
-    else:
-        k, v = kv
-    return attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-
-
 # --------------------------------------------------------------------------- modules
 
 
 def _dtype(name: str):
     return jnp.dtype(name)
-
-
-def matmuls(x: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
-    """[x @ w for w in ws]: x (..., in), each w (in, out_i), as 2-D matmuls: (..., out_i).
-
-    Flattening the leading axes keeps the weight gradient a plain x^T @ g; with two
-    contracted axes (B, T) XLA:CPU transposes the output gradient g first. A few rows
-    (decoding) on a single CPU device go through ``cpu_matvec``, all of ``ws`` in one call.
-    """
-    ys = cpu_matvec.matmuls(x.reshape(-1, x.shape[-1]), ws)
-    return [y.reshape(x.shape[:-1] + y.shape[-1:]) for y in ys]
-
-
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., in) @ w (in, out): (..., out), as ``matmuls``."""
-    return matmuls(x, [w])[0]
 
 
 class Linear(nnx.Module):
@@ -236,19 +164,14 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), pd), axes=(axes[1],)) if bias else None
         self.dtype = _dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return linears(x, [self])[0]
+    def projection(self) -> Projection:
+        """This layer as a ``block.Projection`` (its arrays, stacked or not)."""
+        return Projection(self.kernel[...], None if self.bias is None else self.bias[...])
 
-
-def linears(x: jax.Array, layers: Sequence[Linear], extra: Sequence[jax.Array] = ()) -> list[jax.Array]:
-    """[layer(x) for layer in layers] + [x @ w for w in extra], as one ``matmuls`` call (for
-    projections that read the same input: q/k/v, gate/up, a LoRA's A). x (..., in); all in
-    the first layer's compute dtype."""
-    dtype = layers[0].dtype
-    ws = [layer.kernel[...] for layer in layers] + list(extra)
-    ys = matmuls(x.astype(dtype), [w.astype(dtype) for w in ws])
-    out = [y if layer.bias is None else y + layer.bias[...].astype(dtype) for layer, y in zip(layers, ys)]
-    return out + ys[len(layers):]
+    def __call__(self, x: jax.Array, kernel: bool = False) -> jax.Array:
+        """x (..., in) -> (..., out) in the compute dtype (not for stacked layers)."""
+        y = matmuls(x.astype(self.dtype), [self.kernel[...].astype(self.dtype)], kernel)[0]
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -256,9 +179,8 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), _dtype(cfg.param_dtype)), axes=("norm",))
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
-        """``weight`` overrides the stored weight (modulated norms of the L2D path)."""
-        return rms_norm(x, self.weight[...] if weight is None else weight, self.eps)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -269,6 +191,8 @@ class Attention(nnx.Module):
         self.k_proj = Linear(h, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=b, cfg=cfg, rngs=rngs)
         self.v_proj = Linear(h, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=b, cfg=cfg, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * hd, h, ("heads", "embed"), bias=False, cfg=cfg, rngs=rngs)
+        self.q_norm = nnx.data(RMSNorm(hd, cfg) if cfg.qk_norm else None)
+        self.k_norm = nnx.data(RMSNorm(hd, cfg) if cfg.qk_norm else None)
 
 
 class MLP(nnx.Module):
@@ -279,31 +203,23 @@ class MLP(nnx.Module):
         self.down_proj = Linear(m, h, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
 
 
-class Modulation(NamedTuple):
-    """Per-layer modulation of a stream: effective norm weights, shifts and scales.
-
-    Any field may be None (no shift / no scale). Shapes broadcast against (B, T, H).
-    """
-
-    norm1: jax.Array
-    norm2: jax.Array
-    shift1: jax.Array | None = None
-    scale1: jax.Array | None = None
-    shift2: jax.Array | None = None
-    scale2: jax.Array | None = None
-
-
-def _shift(x, s):
-    return x if s is None else x + s.astype(x.dtype)
-
-
-def _scale(x, s):
-    return x if s is None else x * s.astype(x.dtype)
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """One module of the modules' common type whose every parameter is theirs stacked along a
+    new leading axis, with the logical axis name ``layers`` prepended to its ``axes``."""
+    graphdef, _ = nnx.split(modules[0])
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules])
+    for _, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get("axes")
+        if axes is not None:
+            var.set_metadata(axes=("layers",) + tuple(axes))
+    return nnx.merge(graphdef, state)
 
 
 class DecoderLayer(nnx.Module):
+    """One decoder layer's parameters; ``LLM.layers`` is one of these with every parameter
+    stacked over the layers (``stack_modules``)."""
+
     def __init__(self, cfg: LLMConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
@@ -311,61 +227,21 @@ class DecoderLayer(nnx.Module):
 
     def projection_groups(self) -> tuple[list[Linear], ...]:
         """The layer's projections in the order a step reads them, grouped by shared input
-        (each group is one ``linears`` call): (q, k, v), (o,), (gate, up), (down,)."""
+        (each group is one ``block.project`` call): (q, k, v), (o,), (gate, up), (down,)."""
         attn, mlp = self.self_attn, self.mlp
         return [attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]
 
-    def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                 cache: dict | None = None, layer: int = 0, cache_index: jax.Array | int = 0,
-                 mod: Modulation | None = None):
-        """Main-stream step of layer ``layer``. h (B, T, H); cache: the stacked KV cache
-        {"k", "v"} (L, B, Hkv, S, hd) or None.
-
-        The new keys/values are written into the cache's slots [cache_index, cache_index + T)
-        of this layer only (in place under jit). Returns (h_out, cache, kv): kv is what was
-        attended to, for the flow stream (``attend_kv``): the cache, or without one this
-        call's own (k, v) (B, Hkv, T, hd).
-        """
-        cfg = self.cfg
-        qkv, o_proj, gate_up, down = self.projection_groups()
-        b, t, _ = h.shape
-        x = self.input_layernorm(h, None if mod is None else mod.norm1)
-        x = _shift(x, None if mod is None else mod.shift1)
-        q, k, v = linears(x, qkv)
-        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            kv = cache = write_kv(cache, layer, k, v, cache_index)
-        else:
-            kv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        (o,) = linears(attend_kv(q, kv, layer, mask), o_proj)
-        h = h + _scale(o, None if mod is None else mod.scale1)
-        x = self.post_attention_layernorm(h, None if mod is None else mod.norm2)
-        x = _shift(x, None if mod is None else mod.shift2)
-        gate, up = linears(x, gate_up)
-        (m,) = linears(jax.nn.silu(gate) * up, down)  # SwiGLU
-        return h + _scale(m, None if mod is None else mod.scale2), cache, kv
-
-    def decoder_layer(self) -> cpu_decoder.Layer:
-        """This layer's projections as ``cpu_decoder`` runs them."""
-        def proj(lin: Linear) -> cpu_decoder.Projection:
-            return cpu_decoder.Projection(lin.kernel[...], None if lin.bias is None else lin.bias[...])
-
+    def weights(self) -> BlockWeights:
+        """The projections (and qk-norm weights) as ``block.decoder_block`` takes them."""
         attn, mlp = self.self_attn, self.mlp
-        return cpu_decoder.Layer(*map(proj, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                                             mlp.up_proj, mlp.down_proj)))
+        projs = [lin.projection() for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                               mlp.up_proj, mlp.down_proj)]
+        qk = [None if n is None else n.weight[...] for n in (attn.q_norm, attn.k_norm)]
+        return BlockWeights(*projs, *qk)
 
-
-def write_kv(cache: dict, layer: int, k: jax.Array, v: jax.Array, cache_index: jax.Array | int) -> dict:
-    """The stacked cache with layer ``layer``'s slots [cache_index, cache_index + T) set to
-    k / v (B, T, Hkv, hd); only those slots are written (no per-layer slice and re-stack)."""
-    def put(buf, x):
-        zero = jnp.zeros((), jnp.int32)
-        start = (jnp.int32(layer), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype).transpose(0, 2, 1, 3)[None], start)
-    return {"k": put(cache["k"], k), "v": put(cache["v"], v)}
+    def norms(self) -> Modulation:
+        """The RMSNorm weights (H,) (stacked: (L, H)) of the unmodulated stream."""
+        return Modulation(self.input_layernorm.weight[...], self.post_attention_layernorm.weight[...])
 
 
 class LLMOutput(NamedTuple):
@@ -383,7 +259,7 @@ class LLM(nnx.Module):
         self.embed_tokens = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd),
             axes=("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_modules([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, cfg=cfg, rngs=rngs)
@@ -392,17 +268,17 @@ class LLM(nnx.Module):
         """(B, T) int -> (B, T, H) in the compute dtype."""
         return jnp.take(self.embed_tokens[...], ids, axis=0).astype(_dtype(self.cfg.dtype))
 
-    def head(self, h: jax.Array) -> jax.Array:
+    def head(self, h: jax.Array, kernels: Kernels = XLA) -> jax.Array:
         """Final norm and LM head in the compute dtype, logits cast to float32. h (B, T, H)."""
         x = self.norm(h)
         if self.lm_head is None:
             # contract with the (V, H) table as stored: a `.T` here makes XLA materialise
             # the transposed table inside generation's while loop on every step
             table = self.embed_tokens[...].astype(x.dtype)
-            logits = cpu_matvec.matmul(x.reshape(-1, x.shape[-1]), table, transposed=True)
+            logits = cpu_matvec.matmul(x.reshape(-1, x.shape[-1]), table, transposed=True, kernel=kernels.matvec)
             logits = logits.reshape(x.shape[:-1] + table.shape[:1])
         else:
-            logits = self.lm_head(x)
+            logits = self.lm_head(x, kernels.matvec)
         return logits.astype(jnp.float32)
 
     def rope(self, positions: jax.Array):
@@ -411,13 +287,16 @@ class LLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | int = 0, kv_valid: jax.Array | None = None) -> LLMOutput:
+                 cache_index: jax.Array | int = 0, kv_valid: jax.Array | None = None,
+                 kernels: Kernels = XLA, remat: str = "none") -> LLMOutput:
         """Forward pass.
 
         input_ids (B, T); positions (B, T) RoPE positions (default 0..T-1).
         Without a cache: attention_mask (B, T) (1 = real token) masks padded keys.
         With a cache: the new tokens go to slots [cache_index, cache_index + T) and kv_valid
         (B, S) says which cache slots hold real tokens (including the new ones).
+        kernels: the CPU kernels allowed (``kernels.backend``); remat: the scanned block's
+        rematerialisation policy (``block.REMAT_POLICIES``).
         """
         b, t = input_ids.shape
         if positions is None:
@@ -426,20 +305,26 @@ class LLM(nnx.Module):
                          kv_valid=kv_valid)
         rope = self.rope(positions)
         h = self.embed(input_ids)
-        stack = [layer.decoder_layer() for layer in self.layers] if cache is not None and t == 1 else None
-        norms = None if stack is None else jnp.stack(
-            [jnp.stack([ly.input_layernorm.weight[...], ly.post_attention_layernorm.weight[...]]) for ly in self.layers]
-        )[:, :, None]  # (L, 2, 1, H)
-        if stack and cpu_decoder.usable(h[:, 0], cache, stack, norms):
+        weights, norms = self.layers.weights(), self.layers.norms()
+        stacked_norms = jnp.stack([norms.norm1, norms.norm2], axis=1)[:, :, None]  # (L, 2, 1, H)
+        if (cache is not None and t == 1 and kernels.decoder
+                and cpu_decoder.usable(h[:, 0], cache, weights, stacked_norms)):
             # one new position per sequence: the whole stack in one custom call
             out, cache = cpu_decoder.run(h[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache,
-                                         stack, norms, num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
-                                         write_kv=True)
-            h = out[:, None]
-        else:
-            for i, layer in enumerate(self.layers):
-                h, cache, _ = layer(h, rope, mask, cache, i, cache_index)
-        return LLMOutput(self.head(h), h, cache)
+                                         weights, stacked_norms, num_heads=self.cfg.num_heads,
+                                         eps=self.cfg.rms_norm_eps, write_kv=True)
+            return LLMOutput(self.head(out[:, None], kernels), out[:, None], cache)
+
+        def body(carry, xs):
+            h, cache = carry
+            w, n, i = xs
+            h, kv = decoder_block(h, w, n, rope, mask, cfg=self.cfg, kv=cache, layer=i, cache_index=cache_index,
+                                  kernels=kernels)
+            return (h, None if cache is None else kv), None
+
+        xs = (weights, norms, jnp.arange(self.cfg.num_layers))
+        (h, cache), _ = scan_layers(body, (h, cache), xs, remat)
+        return LLMOutput(self.head(h, kernels), h, cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):
         """(B, T, S) attention mask shared by the main and the flow streams."""

@@ -174,8 +174,6 @@ class Checkpoints:
     def restore_latest(self, abstract_state) -> tuple[Any, dict, dict, int] | None:
         """(state, data state, meta, step) of the newest readable checkpoint, or None.
         Unreadable ones are moved aside with a warning."""
-        import orbax.checkpoint as ocp
-
         if self._mgr is None:
             return None
         from l2d_jax.train.step import TrainState
@@ -184,9 +182,7 @@ class Checkpoints:
         treedef = jax.tree.structure(abstract_state)
         for step in sorted(self._mgr.all_steps(), reverse=True):
             try:
-                r = self._mgr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
+                r = self._restore(step, target)
                 restored = r["state"]
                 leaves = [restored[k] for k in TrainState._fields]
                 state = jax.tree.unflatten(treedef, jax.tree.leaves(leaves))
@@ -201,6 +197,31 @@ class Checkpoints:
                             self.dir, step, type(e).__name__, msg)
                 self._quarantine(step)
         return None
+
+    def _restore(self, step: int, target: dict) -> dict:
+        """Items of checkpoint ``step`` with the state restored onto ``target``; a state written
+        before the layers were stacked (format 1: one subtree per layer in the parameters and
+        the optimizer moments) is restored per layer and stacked onto the target's shardings."""
+        import orbax.checkpoint as ocp
+
+        from l2d_jax import checkpoint
+
+        def restore(t):
+            return self._mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(t), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+
+        try:
+            return restore(target)
+        except Exception as stacked_error:  # noqa: BLE001 - a format-1 state, or unreadable
+            try:
+                r = dict(restore(checkpoint.map_layer_stacks(target, checkpoint.per_layer_target)))
+            except Exception:  # noqa: BLE001
+                raise stacked_error from None
+            state = checkpoint.map_layer_stacks(r["state"], checkpoint.stacked)
+            r["state"] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), state, target)
+            log.info("checkpoint %s/%d was written before the layers were stacked: converted on load",
+                     self.dir, step)
+            return r
 
     def _quarantine(self, step: int) -> None:
         from l2d_jax import distributed
@@ -271,7 +292,9 @@ def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: s
     state_dir = (p / "state").absolute()
     with ocp.StandardCheckpointer() as ckptr:  # onto this process's device, whatever mesh saved it
         restored = ckptr.restore(state_dir, local_abstract_tree(ckptr.metadata(state_dir).item_metadata.tree))
-    params = restored["params"]
+    from l2d_jax.checkpoint import stack_layers
+
+    params = {part: stack_layers(tree) for part, tree in restored["params"].items()}  # format 1: per layer
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
 
@@ -420,11 +443,11 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
         _record_data_stats(wd, "valid", valid_ds, main)
     total = config_lib.total_training_steps(cfg, n_train)
     per_epoch = max(1, math.ceil(n_train / step_cfg.n_samples_before_backprop))
-    log_every = _resolve_interval(cfg.get("log_interval", 100), per_epoch)
-    val_every = _resolve_interval(cfg.get("validate_interval", 1000), per_epoch)
+    log_every = _resolve_interval(cfg["log_interval"], per_epoch)
+    val_every = _resolve_interval(cfg["validate_interval"], per_epoch)
     save_every = _resolve_interval(cfg.get("save_model_interval") or val_every, per_epoch)
 
-    model = L2DModel(base, settings, rngs=nnx.Rngs(int(cfg.get("seed", 42))))
+    model = L2DModel(base, settings, rngs=nnx.Rngs(int(cfg["seed"])))
     hf_config = llm_hf_config(model.cfg)
     llm_cfg = model.cfg
     tx, schedule = optim.make_optimizer(cfg, total,
@@ -433,8 +456,8 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     del model, base
 
     # ---------------------------------------------------------------- checkpoints
-    ckpts = Checkpoints(wd / CHECKPOINTS, int(cfg.get("keep_checkpoints", 3)),
-                        enabled=bool(cfg.get("save_model", True)))
+    ckpts = Checkpoints(wd / CHECKPOINTS, int(cfg["keep_checkpoints"]),
+                        enabled=bool(cfg["save_model"]))
     data = StepBatches(train_ds, config_lib.batch_size_per_host(cfg, "train"), trainer.accum, pad_id,
                        null_class=settings.guidance_modulation_num_classes or 0)
     restored = ckpts.restore_latest(trainer.abstract_state_with_shardings())
@@ -445,19 +468,19 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
         tokens_seen = int(meta.get("tokens_seen", 0))
         log.info("resumed from %s/%d (epoch %d)", ckpts.dir, at, data.epoch)
     else:
-        state = trainer.init_state(int(cfg.get("seed", 42)))
+        state = trainer.init_state(int(cfg["seed"]))
         at = 0
     frozen = trainer.frozen_params()
     trainer.release_model_copies()
     last_ckpt = at if restored is not None else None
 
     logger = None
-    if cfg.get("save_log", True) or not main:
+    if cfg["save_log"] or not main:
         if main:
             metrics_lib.truncate_jsonl(wd / metrics_lib.JSONL, at)
         wandb_cfg = None
         if cfg.get("save_wandb"):
-            wandb_cfg = {"project": cfg.get("wandb_project") or "l2d-jax",
+            wandb_cfg = {"project": cfg["wandb_project"],
                          "name": config_lib.run_name(cfg, config_path), "config": cfg_json,
                          "id": config_lib.run_name(cfg, config_path)}
         logger = metrics_lib.MetricsLogger(wd, main=main, wandb_config=wandb_cfg, total_steps=total,
@@ -478,7 +501,7 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     if valid_ds is not None:
         valid_start = valid_ds.state() if hasattr(valid_ds, "state") else None
     val_rows = config_lib.batch_size_per_host(cfg, "valid")
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(cfg.get("seed", 42))), 0x7FFFFFFF)
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(cfg["seed"])), 0x7FFFFFFF)
 
     def validate(at_step: int) -> dict | None:
         if valid_ds is None:

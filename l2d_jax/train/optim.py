@@ -152,9 +152,11 @@ def decay_mask(params: Mapping, settings=None, llm_cfg=None) -> Any:
     """
     names: dict[tuple, str] = {}
     if settings is not None and llm_cfg is not None:
+        from l2d_jax.convert.names import stacked_path
         from l2d_jax.convert.torch_l2d import original_names
 
-        names = {tuple(e.path): e.name for e in original_names(settings, llm_cfg)
+        # keyed by the stacked parameter (every layer's name follows one pattern)
+        names = {stacked_path(tuple(e.path))[0]: e.name for e in original_names(settings, llm_cfg)
                  if e.path is not None and e.alias_of is None}
 
     def one(path, _leaf):

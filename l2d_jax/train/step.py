@@ -20,10 +20,12 @@ Mixed precision: trainable parameters are float32 master copies; the model casts
 parameter to its compute dtype at use (``LLMConfig.dtype``: bfloat16 runs compute in bf16,
 gradients come back in float32). The frozen base stays in its own ``param_dtype``.
 
-Rematerialisation (``remat``): ``"none"``; ``"layer"`` (``remat=True`` in configs): every
-decoder layer (main + flow stream) under ``jax.checkpoint`` (``forward``), so activations are
-recomputed in the backward pass; ``"full"``: the whole micro-step loss under
-``jax.checkpoint``.
+Rematerialisation (``remat``, a named policy of ``block.REMAT_POLICIES`` applied to the
+scanned decoder block, main + flow stream): ``"none"`` keeps every activation; ``"full"``
+keeps only each layer's inputs and recomputes the rest in the backward pass;
+``"save_dots"`` keeps the projections' outputs and recomputes the cheap ops around them.
+Configs say ``remat_policy``; ``remat=True`` / ``False`` (and the old ``"layer"``) are
+aliases of ``"full"`` / ``"none"``.
 
 Sharding: parameters live sharded by the logical-axis rules (``l2d_jax.sharding``); inside
 the step they are gathered over data/fsdp for the computation (FSDP; see ``Trainer``), the
@@ -69,10 +71,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from l2d_jax import diffusion, sharding as shd
 from l2d_jax.errors import L2DError
+from l2d_jax.models.block import REMAT_POLICIES
 from l2d_jax.models.l2d import FLOW, broadcast_labels, broadcast_t
 
 LOSS_NORMALIZATIONS = ("micro_batch_mean", "token_weighted")
-REMAT_MODES = ("none", "layer", "full")
+REMAT_ALIASES = {True: "full", False: "none", None: "none", "layer": "full"}
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -98,22 +101,31 @@ class StepConfig:
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
-        if self.remat not in REMAT_MODES:
-            raise ValueError(f"remat must be one of {REMAT_MODES} (or a bool), got {self.remat!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)} (remat=True/False are "
+                             f"aliases of 'full' / 'none'), got {self.remat!r}")
         if self.micro_batch_size < 1 or self.n_samples_before_backprop < 1:
             raise BatchSizeError(f"micro_batch_size ({self.micro_batch_size}) and n_samples_before_backprop "
                                  f"({self.n_samples_before_backprop}) must be >= 1")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "StepConfig":
-        remat = cfg.get("remat", "none")
-        remat = {True: "layer", False: "none", None: "none"}.get(remat, remat)
         return cls(micro_batch_size=int(cfg["micro_batch_size"]),
                    n_samples_before_backprop=int(cfg.get("n_samples_before_backprop")
                                                  or cfg["micro_batch_size"]),
                    loss_normalization=cfg.get("loss_normalization", "micro_batch_mean"),
-                   shifted_labels=bool(cfg.get("shifted_labels", True)), remat=remat,
+                   shifted_labels=bool(cfg.get("shifted_labels", True)), remat=remat_policy(cfg),
                    num_t_bins=int(cfg.get("num_t_bins") or 0))
+
+
+def remat_policy(cfg: Mapping) -> str:
+    """The config's rematerialisation policy: ``remat_policy`` when set, else ``remat`` read
+    through ``REMAT_ALIASES`` (True: "full", False: "none")."""
+    policy = cfg.get("remat_policy") or None
+    if policy is None:
+        remat = cfg.get("remat", "none")
+        policy = REMAT_ALIASES.get(remat, remat)
+    return policy
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -152,34 +164,10 @@ def guidance_dropout(class_labels: jax.Array, num_classes: int, p: float, keys: 
 
 
 def forward(model, input_ids: jax.Array, t: jax.Array, x_t: jax.Array, class_labels=None, *,
-            remat_layers: bool = False) -> jax.Array:
-    """Training forward (main + flow streams, no cache): logits (B, T, V) float32.
-
-    ``remat_layers``: each decoder layer (main and flow stream) under ``jax.checkpoint``, so
-    the backward pass recomputes its activations instead of keeping them. Same math as
-    ``L2DModel.__call__`` (tests hold the two equal).
-    """
-    if not remat_layers:
-        return model(input_ids, t, x_t, class_labels=class_labels).logits
-    s, base = model.settings, model.base
-    b, n = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-    t = broadcast_t(t, b, n)
-    class_labels = broadcast_labels(class_labels, b, n)
-    mask = base.mask(n)
-    rope = base.rope(positions)
-    cond = model.conditioning(t, class_labels)
-    h, f = base.embed(input_ids), model.flow_input(x_t, t)
-    graphdef, state = nnx.split(model)
-    for i in range(model.cfg.num_layers):
-        def layer(state, h, f, cond, rope, mask, i=i):
-            m = nnx.merge(graphdef, state)
-            mod = m.layer_modulation(i, cond)
-            h, _, kv = m.base.layers[i](h, rope, mask, None, i, 0, mod if s.modulate_hidden_states else None)
-            return h, m.flow_layer(i, f, kv, mask, rope, mod)
-
-        h, f = jax.checkpoint(layer)(state, h, f, cond, rope, mask)
-    return base.head(h + model.final_scale(cond) * f)
+            remat: str = "none") -> jax.Array:
+    """Training forward (main + flow streams, no cache): logits (B, T, V) float32; ``remat``:
+    the scanned block's rematerialisation policy."""
+    return model(input_ids, t, x_t, class_labels=class_labels, remat=remat).logits
 
 
 def row_keys(key: jax.Array, first_row, n: int) -> jax.Array:
@@ -191,7 +179,7 @@ def row_keys(key: jax.Array, first_row, n: int) -> jax.Array:
 def loss_terms(model, input_ids: jax.Array, labels: jax.Array, key: jax.Array | None = None, *,
                class_labels: jax.Array | None = None, shifted: bool = True, train: bool = True,
                t: jax.Array | None = None, noise: jax.Array | None = None,
-               remat_layers: bool = False) -> LossTerms:
+               remat: str = "none") -> LossTerms:
     """Per-token L2D losses of one batch. input_ids, labels (B, T) (labels -100 = ignored).
 
     ``key``: one key per row (B, 2) (see ``row_keys``) or one key (2,) (split into rows);
@@ -225,7 +213,7 @@ def loss_terms(model, input_ids: jax.Array, labels: jax.Array, key: jax.Array | 
                                             s.guidance_modulation_training_dropout, keys[:, 2])
     elif not s.use_guidance:
         class_labels = None
-    logits = forward(model, input_ids, t, x_t, class_labels, remat_layers=remat_layers)
+    logits = forward(model, input_ids, t, x_t, class_labels, remat=remat)
     _, losses = diffusion.loss_for_labels(logits, labels, shifted)
     valid = (labels if shifted else labels[:, 1:]) != -100
     return LossTerms(losses, valid, t if shifted else t[:, :-1], logits)
@@ -430,7 +418,6 @@ class Trainer:
         key = jax.random.fold_in(state.key, state.step)
         n_groups, n_tokens = self._objective_parts(batch["labels"])
         row_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
-        remat_layers = cfg.remat == "layer"
         nb = max(cfg.num_t_bins, 1)
 
         def objective(params, mb, k):
@@ -438,11 +425,8 @@ class Trainer:
             gathered = jax.tree.map(jax.lax.with_sharding_constraint, frozen, self.frozen_compute_shardings)
             model = self.model(params, gathered)
             terms = loss_terms(model, mb["input_ids"], mb["labels"], k, class_labels=mb.get("class_labels"),
-                               shifted=cfg.shifted_labels, train=True, remat_layers=remat_layers)
+                               shifted=cfg.shifted_labels, train=True, remat=cfg.remat)
             return self._contribution(terms, n_groups, n_tokens), terms._replace(logits=None)
-
-        if cfg.remat == "full":
-            objective = jax.checkpoint(objective)
 
         def micro(carry, xs):
             grads, loss, token_sum, bins_l, bins_c = carry

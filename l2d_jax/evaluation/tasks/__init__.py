@@ -13,13 +13,11 @@ from l2d_jax.evaluation.tasks.base import Example, Task, load_records, render_pr
 
 TASKS: dict[str, type] = {}
 
-# Modules imported lazily by get_task()/task_names(); a missing one is skipped, so helpers can
-# list their modules here before they land.
+# Modules imported lazily by get_task()/task_names(); each must exist (an import error is raised).
 _TASK_MODULES: list[str] = [
     "l2d_jax.evaluation.tasks.humaneval",
     "l2d_jax.evaluation.tasks.mbpp",
     "l2d_jax.evaluation.tasks.gsm8k",
-    "l2d_jax.evaluation.tasks.math",
     "l2d_jax.evaluation.tasks.mmlu",
     "l2d_jax.evaluation.tasks.mmlu_pro",
     "l2d_jax.evaluation.tasks.math_task",
@@ -42,11 +40,7 @@ def _load_all() -> None:
         return
     _loaded = True
     for mod in _TASK_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of ITS imports is missing
-                raise
+        importlib.import_module(mod)
 
 
 def task_names() -> list[str]:
