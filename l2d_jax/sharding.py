@@ -9,6 +9,9 @@ can override them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from typing import Mapping, Sequence
 
 import jax
@@ -95,3 +98,71 @@ def rules_from_config(overrides: Mapping[str, str | None] | None) -> tuple:
     table = dict(RULES)
     table.update(overrides or {})
     return tuple(table.items())
+
+
+def without_axes(spec: P, axes: tuple[str, ...]) -> P:
+    """``spec`` with the mesh axes ``axes`` removed (those dimensions gathered)."""
+    out = []
+    for entry in spec:
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n not in axes)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*out)
+
+
+GATHERED = ("data", "fsdp")  # mesh axes a parameter is all-gathered over for the computation
+_layer_gather = threading.local()
+
+
+@contextlib.contextmanager
+def gather_layers(mesh: Mesh, rules=RULES):
+    """While a program is traced inside, ``gather_layer`` all-gathers one layer's parameters
+    over data / fsdp inside the scan over layers (FSDP one layer at a time: the stacked
+    parameters stay sharded, and only the layer being computed, or recomputed in the
+    backward pass, is whole on a device). Outside, ``gather_layer`` does nothing."""
+    before = getattr(_layer_gather, "value", None)
+    _layer_gather.value = (mesh, rules)
+    try:
+        yield
+    finally:
+        _layer_gather.value = before
+
+
+def gather_layer(state):
+    """One layer's slice of a stacked module's state (inside the scan body) constrained to
+    its compute sharding: its logical axes without the leading ``layers``, mapped by the
+    rules, without the data / fsdp axes. The identity outside ``gather_layers``."""
+    layout = getattr(_layer_gather, "value", None)
+    if layout is None:
+        return state
+    mesh, rules = layout
+
+    def one(var):
+        axes = var.get_metadata().get("axes")
+        if not axes or axes[0] != "layers":
+            return var
+        value = var.get_value()
+        stored = logical_to_spec(axes[1:], rules, mesh, value.shape)
+        gathered = NamedSharding(mesh, without_axes(stored, GATHERED))
+        return var.replace(_all_gather(value, gathered, NamedSharding(mesh, stored)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _all_gather(x: jax.Array, gathered: NamedSharding, stored: NamedSharding) -> jax.Array:
+    """x constrained to ``gathered``; its cotangent constrained back to ``stored`` (the layer's
+    gradient is reduce-scattered inside the backward scan, so the stacked gradient stays
+    sharded like the parameters instead of whole on every device)."""
+    return jax.lax.with_sharding_constraint(x, gathered)
+
+
+def _all_gather_fwd(x, gathered, stored):
+    return jax.lax.with_sharding_constraint(x, gathered), None
+
+
+def _all_gather_bwd(gathered, stored, _, ct):
+    return (jax.lax.with_sharding_constraint(ct, stored),)
+
+
+_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,12 @@ def _mesh_worker() -> dict:
         state = tr.init_state(0)
         before = jax.device_get(state.params)
         frozen = tr.frozen_params()
-        state, met = tr.train_step(state, frozen, tr.shape_batch(ids, labels))
+        batch = tr.shape_batch(ids, labels)
+        if sizes == (2, 4, 1):  # shapes the all-gathers of the compiled step produce
+            hlo = tr.train_step.lower(state, frozen, batch).compile().as_text()
+            out["gather_shapes"] = [[int(d) for d in m.split(",") if d] for m in
+                                    re.findall(r"= [a-z0-9]+\[([\d,]*)\]\{[^}]*\} all-gather", hlo)]
+        state, met = tr.train_step(state, frozen, batch)
         after = jax.device_get(state.params)
         grads = jax.device_get(met["grads"])
         flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in  # noqa: E731
@@ -215,6 +221,17 @@ def test_parameters_and_batch_are_really_sharded(mesh_results):
     assert runs[str((8, 1, 1))]["embed_shard"] == [96, 32]  # pure data parallel: replicated
     for sizes in MESHES:
         assert "data" in runs[str(sizes)]["batch_spec"] and "fsdp" in runs[str(sizes)]["batch_spec"]
+
+
+@pytest.mark.slow
+def test_stacked_layers_are_gathered_one_layer_at_a_time(mesh_results):
+    """FSDP over the stacked layers: the step all-gathers single layers inside the scan, never
+    a whole (L, ...) stack (which XLA could also do by hoisting the gather out of the loop)."""
+    shapes = mesh_results["gather_shapes"]
+    assert shapes  # fsdp = 4: there are gathers
+    layers = 2  # tiny_l2d
+    stacks = [s for s in shapes if len(s) == 3 and s[0] == layers]
+    assert not stacks, stacks
 
 
 @pytest.mark.slow

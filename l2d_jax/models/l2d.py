@@ -32,6 +32,7 @@ from l2d_jax.kernels.backend import XLA, Kernels
 from l2d_jax.models.block import BlockWeights, Modulation, Projection, decoder_block, project, scan_layers
 from l2d_jax.models.llm import LLM, DecoderLayer, Linear, LLMConfig, LLMOutput, stack_modules
 from l2d_jax.settings import L2DSettings
+from l2d_jax.sharding import gather_layer
 
 FLOW = nnx.PathContains("flow")  # filter: the trainable flow half of an L2DModel
 
@@ -111,6 +112,9 @@ class FlowLayer(nnx.Module):
         shapes = {"q_proj": (h, cfg.num_heads * cfg.head_dim), "o_proj": (cfg.num_heads * cfg.head_dim, h),
                   "gate_proj": (h, cfg.intermediate_size), "up_proj": (h, cfg.intermediate_size),
                   "down_proj": (cfg.intermediate_size, h)}
+        # full copies are as large as the base projections: sharded like them
+        axes = {"q_proj": ("embed", "heads"), "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"),
+                "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed")}
         for name in PROJ_NAMES:
             din, dout = shapes[name]
             if not s.separate_flow_params:
@@ -119,7 +123,7 @@ class FlowLayer(nnx.Module):
                 proj = LoRA(din, dout, s.flow_lora_rank, cfg, rngs)
             else:
                 bias = name == "q_proj" and cfg.attention_bias
-                proj = Linear(din, dout, ("flow_in", "flow_out"), bias=bias, cfg=cfg, rngs=rngs)
+                proj = Linear(din, dout, axes[name], bias=bias, cfg=cfg, rngs=rngs)
                 if s.reinit_flow_params or not copy_base:
                     pd = proj.kernel[...].dtype
                     proj.kernel[...] = torch_default_uniform(rngs.params(), (din, dout), pd, din)
@@ -355,18 +359,22 @@ class L2DModel(nnx.Module):
         cond = self.conditioning(t, class_labels)
         h, f = base.embed(input_ids), self.flow_input(x_t, t, kernels)
 
+        (base_def, base_stack), (flow_def, flow_stack) = nnx.split(base.layers), nnx.split(self.flow.layers)
+
         def body(carry, xs):
             h, f, cache = carry
-            main_w, norms, flow_w, head, i = xs
-            mod = self.layer_modulation(head, norms, cond)
-            h, kv = decoder_block(h, main_w, mod if s.modulate_hidden_states else norms, rope, mask, cfg=cfg,
-                                  kv=cache, layer=i, cache_index=cache_index, kernels=kernels)
-            f, _ = decoder_block(f, flow_w, mod, rope, mask, cfg=cfg, kv=kv, layer=i,
+            base_state, flow_state, i = xs
+            base_layer = nnx.merge(base_def, gather_layer(base_state))  # this layer's slices of the stacks
+            flow_layer = nnx.merge(flow_def, gather_layer(flow_state))
+            norms = base_layer.norms()
+            mod = self.layer_modulation(flow_layer.modulation.projections(), norms, cond)
+            h, kv = decoder_block(h, base_layer.weights(), mod if s.modulate_hidden_states else norms, rope, mask,
+                                  cfg=cfg, kv=cache, layer=i, cache_index=cache_index, kernels=kernels)
+            f, _ = decoder_block(f, flow_layer.weights(base_layer), mod, rope, mask, cfg=cfg, kv=kv, layer=i,
                                  lora_scale=s.lora_scale, kernels=kernels)
             return (h, f, None if cache is None else kv), None
 
-        xs = (base.layers.weights(), base.layers.norms(), self.flow_weights(),
-              self.flow.layers.modulation.projections(), jnp.arange(cfg.num_layers))
+        xs = (base_stack, flow_stack, jnp.arange(cfg.num_layers))
         (h, f, cache), _ = scan_layers(body, (h, f, cache), xs, remat)
         logits = base.head(h + self.final_scale(cond) * f, kernels)
         return LLMOutput(logits, h, cache)
@@ -390,8 +398,9 @@ class L2DModel(nnx.Module):
         mask = self.base.mask(n, cache=cache, cache_index=cache_index, kv_valid=kv_valid)
         rope = self.base.rope(positions)
         f = self.flow_input(x_t, t, kernels)
-        weights, mods = self.flow_weights(), modulation.layers
+        mods = modulation.layers
         rows = mods.reshape(mods.shape[:2] + (-1, mods.shape[-1])) if n == 1 else None  # (L, F, 1 or B, H)
+        weights = self.flow_weights() if n == 1 and kernels.decoder else None
         if (n == 1 and kernels.decoder and rows.shape[2] in (1, b)
                 and cpu_decoder.usable(f[:, 0], cache, weights, rows)):
             # one new position per sequence: the whole stack in one custom call
@@ -400,13 +409,17 @@ class L2DModel(nnx.Module):
                                    lora_scale=self.settings.lora_scale, write_kv=False)
             f = f[:, None]
         else:
+            (base_def, base_stack), (flow_def, flow_stack) = nnx.split(self.base.layers), nnx.split(self.flow.layers)
+
             def body(f, xs):
-                w, mod, i = xs
+                base_state, flow_state, mod, i = xs
+                base_layer = nnx.merge(base_def, gather_layer(base_state))
+                w = nnx.merge(flow_def, gather_layer(flow_state)).weights(base_layer)
                 f, _ = decoder_block(f, w, Modulation(*mod), rope, mask, cfg=cfg, kv=cache, layer=i,
                                      lora_scale=self.settings.lora_scale, kernels=kernels)
                 return f, None
 
-            f, _ = scan_layers(body, f, (weights, mods, jnp.arange(cfg.num_layers)))
+            f, _ = scan_layers(body, f, (base_stack, flow_stack, mods, jnp.arange(cfg.num_layers)))
         return self.base.head(h_last + modulation.final * f, kernels)
 
 

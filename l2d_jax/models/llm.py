@@ -32,6 +32,7 @@ from l2d_jax.kernels import cpu_decoder, cpu_matvec
 from l2d_jax.kernels.backend import XLA, Kernels
 from l2d_jax.models.block import (BlockWeights, Modulation, Projection, causal_mask, decoder_block, matmuls,
                                   rms_norm, rope_cos_sin, scan_layers)
+from l2d_jax.sharding import gather_layer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -305,8 +306,9 @@ class LLM(nnx.Module):
                          kv_valid=kv_valid)
         rope = self.rope(positions)
         h = self.embed(input_ids)
-        weights, norms = self.layers.weights(), self.layers.norms()
-        stacked_norms = jnp.stack([norms.norm1, norms.norm2], axis=1)[:, :, None]  # (L, 2, 1, H)
+        if cache is not None and t == 1 and kernels.decoder:
+            weights, norms = self.layers.weights(), self.layers.norms()
+            stacked_norms = jnp.stack([norms.norm1, norms.norm2], axis=1)[:, :, None]  # (L, 2, 1, H)
         if (cache is not None and t == 1 and kernels.decoder
                 and cpu_decoder.usable(h[:, 0], cache, weights, stacked_norms)):
             # one new position per sequence: the whole stack in one custom call
@@ -315,15 +317,17 @@ class LLM(nnx.Module):
                                          eps=self.cfg.rms_norm_eps, write_kv=True)
             return LLMOutput(self.head(out[:, None], kernels), out[:, None], cache)
 
+        graphdef, stacked = nnx.split(self.layers)
+
         def body(carry, xs):
             h, cache = carry
-            w, n, i = xs
-            h, kv = decoder_block(h, w, n, rope, mask, cfg=self.cfg, kv=cache, layer=i, cache_index=cache_index,
-                                  kernels=kernels)
+            state, i = xs
+            layer = nnx.merge(graphdef, gather_layer(state))  # this layer's slice of the stack
+            h, kv = decoder_block(h, layer.weights(), layer.norms(), rope, mask, cfg=self.cfg, kv=cache, layer=i,
+                                  cache_index=cache_index, kernels=kernels)
             return (h, None if cache is None else kv), None
 
-        xs = (weights, norms, jnp.arange(self.cfg.num_layers))
-        (h, cache), _ = scan_layers(body, (h, cache), xs, remat)
+        (h, cache), _ = scan_layers(body, (h, cache), (stacked, jnp.arange(self.cfg.num_layers)), remat)
         return LLMOutput(self.head(h, kernels), h, cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):

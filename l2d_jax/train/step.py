@@ -295,14 +295,20 @@ class Trainer:
         self.replicated = NamedSharding(mesh, P())
         # FSDP: parameters (trainable and frozen) are stored sharded over fsdp (and tensor)
         # and gathered over data/fsdp for the computation inside the step (the gradients are
-        # reduce-scattered back), keeping only the tensor-parallel split. Besides being the
-        # usual FSDP schedule, this avoids an XLA SPMD miscompile seen with jax 0.10.2 on CPU:
-        # with weights sharded (fsdp, tensor) used directly by the backward pass while the
-        # batch is sharded over (data, fsdp), on a (2, 2, 2) mesh, gradients came out wrong
-        # (tests/test_train_step.py checks every mesh against one device).
-        gather = lambda sh: NamedSharding(mesh, _without_axes(sh.spec, ("data", "fsdp")))  # noqa: E731
-        self.compute_shardings = jax.tree.map(gather, self.param_shardings)
-        self.frozen_compute_shardings = jax.tree.map(gather, self.frozen_shardings)
+        # reduce-scattered back), keeping only the tensor-parallel split: the stacked decoder
+        # layers one layer at a time inside the scan (``sharding.gather_layers``: at most a
+        # layer or two is whole on a device), the rest (embedding, head, small MLPs) up front.
+        # Besides being the usual FSDP schedule, gathering avoids an XLA SPMD miscompile seen
+        # with jax 0.10.2 on CPU: with weights sharded (fsdp, tensor) used directly by the
+        # backward pass while the batch is sharded over (data, fsdp), on a (2, 2, 2) mesh,
+        # gradients came out wrong (tests/test_train_step.py checks every mesh against one device).
+        def gather(path, sh):
+            if _is_stacked(path):
+                return sh  # gathered per layer inside the scan
+            return NamedSharding(mesh, shd.without_axes(sh.spec, shd.GATHERED))
+
+        self.compute_shardings = jax.tree_util.tree_map_with_path(gather, self.param_shardings)
+        self.frozen_compute_shardings = jax.tree_util.tree_map_with_path(gather, self.frozen_shardings)
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), self._init_params)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         opt_shardings = optax.tree_utils.tree_map_params(
@@ -424,8 +430,9 @@ class Trainer:
             params = jax.tree.map(jax.lax.with_sharding_constraint, params, self.compute_shardings)
             gathered = jax.tree.map(jax.lax.with_sharding_constraint, frozen, self.frozen_compute_shardings)
             model = self.model(params, gathered)
-            terms = loss_terms(model, mb["input_ids"], mb["labels"], k, class_labels=mb.get("class_labels"),
-                               shifted=cfg.shifted_labels, train=True, remat=cfg.remat)
+            with shd.gather_layers(self.mesh, self.rules):
+                terms = loss_terms(model, mb["input_ids"], mb["labels"], k, class_labels=mb.get("class_labels"),
+                                   shifted=cfg.shifted_labels, train=True, remat=cfg.remat)
             return self._contribution(terms, n_groups, n_tokens), terms._replace(logits=None)
 
         def micro(carry, xs):
@@ -478,6 +485,10 @@ class Trainer:
         return self._eval_fns[sig](params, frozen, batch, key)
 
     def _eval(self, params, frozen, batch, key, nstep_points, ode_options):
+        with shd.gather_layers(self.mesh, self.rules):  # one layer whole on a device at a time
+            return self._eval_sums(params, frozen, batch, key, nstep_points, ode_options)
+
+    def _eval_sums(self, params, frozen, batch, key, nstep_points, ode_options):
         cfg = self.step_cfg
         model = self.model(params, frozen)
         ids, labels = batch["input_ids"], batch["labels"]
@@ -504,14 +515,10 @@ class Trainer:
         return out
 
 
-def _without_axes(spec: P, axes: tuple[str, ...]) -> P:
-    """``spec`` with the mesh axes ``axes`` removed (those dimensions gathered)."""
-    out = []
-    for entry in spec:
-        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        kept = tuple(n for n in names if n not in axes)
-        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return P(*out)
+def _is_stacked(path) -> bool:
+    """Whether a pure-dict path (``flow`` / ``base`` first) is a stacked decoder-layer parameter."""
+    keys = [getattr(k, "key", None) for k in path]
+    return len(keys) > 2 and keys[0] in ("flow", "base") and keys[1] == "layers"
 
 
 def _accuracy_sums(logits, labels, shifted: bool, prefix: str) -> dict:
