@@ -229,7 +229,8 @@ def add_parser(kinds, parents=()) -> None:
     p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one (default 3)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--remat", choices=("none", "layer", "full"), default="none")
+    p.add_argument("--remat", choices=("none", "full", "save_dots"), default="none",
+                   help="rematerialisation policy of the scanned block (default none)")
     p.add_argument("--preset", default=PRESET, help=f"model shape from l2d_jax.presets (default {PRESET})")
     p.add_argument("--compilation-cache", action="store_true",
                    help="use the persistent compilation cache (compile_s then measures cache loads)")

@@ -44,7 +44,7 @@ def rel_err(a, ref):
     return float(np.max(np.abs(a - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-@pytest.mark.parametrize("name", ["llama_llama3_tied", "llama_gqa", "qwen2_one_kv"])
+@pytest.mark.parametrize("name", ["llama_llama3_tied", "llama_gqa", "qwen2_one_kv", "qwen3_qk_norm"])
 def test_logits_match_transformers_left_padded(tiny_torch_models, name):
     torch_model = tiny_torch_models[name]
     model = ours(torch_model)
@@ -79,7 +79,7 @@ def test_hub_style_dir_matches_transformers(tiny_torch_models, tiny_hf_dirs):
     assert np.max(np.abs(out - ref)[mask == 1]) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_llama3_tied", "llama_gqa", "qwen2_one_kv"])
+@pytest.mark.parametrize("name", ["llama_llama3_tied", "llama_gqa", "qwen2_one_kv", "qwen3_qk_norm"])
 def test_kv_cache_decode_equals_full_forward(tiny_torch_models, name):
     """Prefill 30 tokens into a 48-slot cache, then decode the remaining 10 one at a time."""
     model = ours(tiny_torch_models[name])

@@ -7,6 +7,7 @@ with random values, and linear weights use std 0.1, so that parity checks are no
   so a 40-token test sequence exercises the scaled band), tied embeddings.
 - ``llama_gqa``: Llama, untied, 4 heads / 2 KV heads.
 - ``qwen2_one_kv``: Qwen2, q/k/v biases, one KV head, untied.
+- ``qwen3_qk_norm``: Qwen3 dense: per-head RMSNorm of q and k, head_dim (24) not hidden / heads.
 
 Import torch lazily: this module is imported by fixtures that skip without torch.
 """
@@ -37,8 +38,13 @@ CONFIGS = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, use_sliding_window=False, initializer_range=0.1),
+    "qwen3_qk_norm": dict(
+        model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, use_sliding_window=False, initializer_range=0.1),
 }
-SEEDS = {"llama_llama3_tied": 11, "llama_gqa": 12, "qwen2_one_kv": 13}
+SEEDS = {"llama_llama3_tied": 11, "llama_gqa": 12, "qwen2_one_kv": 13, "qwen3_qk_norm": 14}
 
 
 def hub_style(hf: dict) -> dict:
@@ -59,8 +65,10 @@ def build(name: str):
 
     kw = dict(CONFIGS[name])
     model_type = kw.pop("model_type")
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[model_type]
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config}[model_type]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM}[model_type]
     torch.manual_seed(SEEDS[name])
     model = model_cls(config_cls(**kw)).eval()
     gen = torch.Generator().manual_seed(SEEDS[name] + 1000)
