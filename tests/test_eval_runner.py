@@ -298,3 +298,20 @@ def test_code_task_entries_get_pass_at_k_and_a_normal_interval():
     assert e["pass_at_k"]["pass@10"] == pytest.approx(2 / 3)
     lo, hi = e["ci95"]
     assert lo < e["accuracy"] < hi
+
+
+def test_paired_comparison_with_the_base_model():
+    """Counts of wrong -> right / right -> wrong on the same (id, sample) and the exact
+    McNemar p-value (hand values: 2 * P(X <= k), X ~ Bin(b + c, 1/2))."""
+    from l2d_jax.evaluation.runner import mcnemar_exact, paired_vs_base
+
+    assert mcnemar_exact(9, 9) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(1, 10) == pytest.approx(2 * 12 / 2048)
+    assert mcnemar_exact(0, 0) == 1.0
+    base = {("a", 0): {"correct": True}, ("b", 0): {"correct": False}, ("c", 0): {"correct": False},
+            ("d", 0): {"correct": True}, ("only_base", 0): {"correct": False}}
+    after = {("a", 0): {"correct": False}, ("b", 0): {"correct": True}, ("c", 0): {"correct": True},
+             ("d", 0): {"correct": True}}
+    assert paired_vs_base(base, after) == {"n_pairs": 4, "wrong_to_right": 2, "right_to_wrong": 1,
+                                           "mcnemar_p": 1.0}

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -325,3 +326,33 @@ def test_pass_at_k_hand_values():
     assert agg["pass@5"] == pytest.approx((0 + 0.5 + (1 - 1 / 252) + 1) / 4)
     assert agg["pass@10"] == pytest.approx(3 / 4)
     assert "pass@10" not in aggregate_pass_at_k([(5, 1)])
+
+
+def _venv(where: Path) -> str:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=120)
+    return str(where / "bin" / "python")
+
+
+@needs_sandbox
+@pytest.mark.parametrize("place", ["venv_under_tmp", "venv_under_private_home", "system_python"])
+def test_the_sandbox_works_wherever_the_interpreter_lives(tmp_path, place):
+    """The private tmpfs on /tmp (and, as root, the masks over directories the dropped uid
+    cannot traverse, like a 0700 $HOME) must not hide the interpreter: a virtual environment
+    under /tmp (CI systems, throwaway set-ups), one under a 0700 home directory, and the
+    system Python each pass the self-test and run a program."""
+    if place == "venv_under_tmp":
+        python = _venv(tmp_path / "venv")
+    elif place == "venv_under_private_home":
+        home = tmp_path / "home"
+        home.mkdir(mode=0o700)
+        python = _venv(home / "me" / "venv")
+    else:
+        python = "/usr/bin/python3"
+        if not Path(python).exists():
+            pytest.skip("no /usr/bin/python3")
+    assert str(tmp_path).startswith("/tmp/") or place == "system_python"
+    status = sandbox_status(python, refresh=True)
+    assert status["available"], status["detail"]
+    res = execute("import sys\nprint('ran', sys.prefix)\n", timeout_s=10.0, python=python)
+    assert res["status"] == "passed" and "ran" in res["output_tail"], res
+    assert res["sandbox"] == "bwrap"

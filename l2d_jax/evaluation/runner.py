@@ -147,6 +147,26 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def mcnemar_exact(wrong_to_right: int, right_to_wrong: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs against 1/2."""
+    n, k = wrong_to_right + right_to_wrong, min(wrong_to_right, right_to_wrong)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_vs_base(base_rows: dict, rows: dict) -> dict:
+    """Before/after on the same problems: completions of a step count against the base
+    model's, matched on (example id, sample). Counts of wrong -> right and right -> wrong and
+    the exact McNemar p-value."""
+    keys = sorted(set(base_rows) & set(rows))
+    w2r = sum(1 for k in keys if not base_rows[k]["correct"] and rows[k]["correct"])
+    r2w = sum(1 for k in keys if base_rows[k]["correct"] and not rows[k]["correct"])
+    return {"n_pairs": len(keys), "wrong_to_right": w2r, "right_to_wrong": r2w,
+            "mcnemar_p": mcnemar_exact(w2r, r2w)}
+
+
 def ci95(values: Sequence[float]) -> list[float]:
     """Wilson interval for 0/1 values, else mean +- 1.96 standard errors (clipped to [0, 1])."""
     n = len(values)
@@ -749,6 +769,13 @@ def collect_results(out_dir) -> dict:
     labels = sorted({lab for t in tasks.values() for lab in t}, key=_label_sort_key)
     for t in tasks:
         tasks[t] = {lab: tasks[t][lab] for lab in labels if lab in tasks[t]}
+        base_path = completions_path(out, t, BASE)
+        if BASE in tasks[t] and base_path.is_file():
+            base_rows = read_rows(base_path)
+            for lab, e in tasks[t].items():
+                path = completions_path(out, t, lab)
+                if lab != BASE and path.is_file():
+                    e["paired_vs_base"] = paired_vs_base(base_rows, read_rows(path))
     acc, nfe = {}, {}
     for lab in labels:
         have = [tasks[t][lab] for t in tasks if lab in tasks[t]]
@@ -803,6 +830,14 @@ def results_markdown(res: dict) -> str:
     for task, by_label in res["tasks"].items():
         lines.append(f"| {task} | " + " | ".join(
             f"{100 * by_label[lab]['format_accuracy']:.2f}" if lab in by_label else "" for lab in labels) + " |")
+    paired = [(t, lab, e["paired_vs_base"]) for t, b in res["tasks"].items() for lab, e in b.items()
+              if "paired_vs_base" in e]
+    if paired:
+        lines += ["", "Paired with the base model on the same problems (exact McNemar test).", "",
+                  "| task | step | pairs | wrong -> right | right -> wrong | p |", "|---|---|---|---|---|---|"]
+        for t, lab, pv in paired:
+            lines.append(f"| {t} | {lab} | {pv['n_pairs']} | {pv['wrong_to_right']} | {pv['right_to_wrong']} | "
+                         f"{pv['mcnemar_p']:.3g} |")
     code = {t: b for t, b in res["tasks"].items() if any("pass_at_k" in e for e in b.values())}
     if code:
         lines += ["", "pass@k (%)", "", "| task | step | " + "pass@k |", "|---|---|---|"]

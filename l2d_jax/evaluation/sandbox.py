@@ -61,6 +61,7 @@ file system and network are NOT isolated then, and as root RLIMIT_NPROC does not
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -290,35 +291,60 @@ def _inaccessible_prefix(path: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_paths(python: str) -> tuple[str, ...]:
+    """The directories the interpreter ``python`` needs (its prefixes, stdlib and the
+    directory of its real executable), resolved: this process's own, or asked of it."""
+    import sysconfig
+
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                 sysconfig.get_paths()["stdlib"]]
+    else:
+        probe = ("import json, sys, sysconfig; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
+                 "sys.base_exec_prefix, sysconfig.get_paths()['stdlib']]))")
+        out = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True, timeout=60, env=_ENV)
+        paths = json.loads(out.stdout) if out.returncode == 0 else []
+    paths += [os.path.dirname(os.path.abspath(python)), os.path.dirname(os.path.realpath(python))]
+    return tuple(sorted({os.path.realpath(p) for p in paths}))
+
+
+def _rebind(masked: str, paths) -> list[str]:
+    """bwrap arguments that bind ``paths`` (under ``masked``, which an earlier argument hides
+    behind an empty tmpfs) back read-only, creating the directories above them."""
+    args: list[str] = []
+    made: set[str] = {masked}
+    bound: list[str] = []
+    for p in sorted(paths):
+        if p == masked or any(p == b or p.startswith(b + "/") for b in bound):
+            continue
+        for d in reversed(Path(p).parents):  # traversable mount points on the tmpfs
+            if str(d).startswith(masked + "/") and str(d) not in made:
+                made.add(str(d))
+                args += ["--perms", "0755", "--dir", str(d)]
+        args += ["--ro-bind", p, p]
+        bound.append(p)
+    return args
+
+
 def _interpreter_binds(python: str) -> list[str]:
     """Privileged mode: mask directories the dropped uid cannot traverse that hold the
     interpreter, and bind the interpreter's prefixes back read-only."""
-    import sysconfig
-
-    paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                           sys.base_exec_prefix, sysconfig.get_paths()["stdlib"],
-                                           os.path.dirname(os.path.realpath(python)))}
     masks: dict[str, set[str]] = {}
-    for p in paths:
+    for p in _interpreter_paths(python):
         anc = _inaccessible_prefix(p)
         if anc is not None:
             masks.setdefault(anc, set()).add(p)
     args: list[str] = []
     for anc in sorted(masks):
-        args += ["--tmpfs", anc]
-        made: set[str] = {anc}
-        bound: list[str] = []
-        for p in sorted(masks[anc]):
-            if p == anc or any(p.startswith(b + "/") for b in bound):
-                continue
-            for d in reversed(Path(p).parents):  # traversable mount points on the tmpfs
-                if str(d).startswith(anc + "/") and str(d) not in made:
-                    made.add(str(d))
-                    args += ["--perms", "0755", "--dir", str(d)]
-            args += ["--ro-bind", p, p]
-            bound.append(p)
+        args += ["--tmpfs", anc] + _rebind(anc, masks[anc])
     return args
 
+
+def _tmp_binds(python: str) -> list[str]:
+    """After the private tmpfs on /tmp: the interpreter's directories that live under /tmp
+    (a virtual environment or a Python built there) bound back read-only."""
+    return _rebind("/tmp", [p for p in _interpreter_paths(python) if p.startswith("/tmp/")])
 
 
 def _result(rc: int, timed_out: bool, output: str, out_full: bool, duration: float, limits,
@@ -415,6 +441,7 @@ def _run_bwrap(program: str, limits: Limits, python: str, bwrap: str | None,
         args += ["--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534"]
     args += ["--dev", "/dev", "--proc", "/proc",
              "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
+             *_tmp_binds(python),
              "--perms", "0444", "--ro-bind-data", str(prog_fd), "/tmp/program.py",
              "--chdir", "/tmp",
              "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
