@@ -40,6 +40,10 @@ READABLE_VERSIONS = (1, 2)  # 1: one subtree per layer, stacked on load
 MANIFEST = "l2d_jax.json"
 TOKENIZER_DIR = "tokenizer"
 KINDS = ("base", "l2d")
+# a training WORKDIR (train/loop.py): its checkpoints, its final export (this layout), its config
+WORKDIR_CHECKPOINTS = "checkpoints"
+WORKDIR_EXPORT = "export"
+WORKDIR_CONFIG = "config.json"
 PARTS = ("base", "flow")
 _MIN_IN_FLIGHT_BYTES = 16 * 2**20
 

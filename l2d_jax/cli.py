@@ -82,7 +82,7 @@ def _add_convert_l2d_torch(kinds) -> None:
 
 
 def _run_convert_l2d_torch(args) -> int:
-    from l2d_jax.convert.l2d_torch import convert_l2d_torch
+    from l2d_jax.convert.original import convert_l2d_torch
 
     out = convert_l2d_torch(args.state, args.base, args.settings, args.out, dtype=args.dtype,
                             overwrite=args.overwrite, report=lambda line: print(line, file=sys.stderr))
@@ -103,7 +103,7 @@ def _add_convert_export(kinds) -> None:
 
 
 def _run_convert_export(args) -> int:
-    from l2d_jax.convert.l2d_torch import export_checkpoint
+    from l2d_jax.convert.loading import export_checkpoint
 
     out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")

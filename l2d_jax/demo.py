@@ -178,7 +178,8 @@ def run_demo(out=None, *, config_path=None, overrides: Iterable[str] = (), quick
     timings["data_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ training
-    from l2d_jax.train.loop import EXPORT, latest_export_or_checkpoint, load_trained, train
+    from l2d_jax.convert.loading import latest_export_or_checkpoint, load_trained
+    from l2d_jax.train.loop import EXPORT, train
 
     workdir = out / f"train_{config_lib.run_name(cfg)}"
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ PRNG: every random draw of row r at absolute position p uses a key derived from
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -156,7 +157,7 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
         table, mods = jax.lax.cond(ode_steps >= 2, tables,
                                    lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(tables)))
         if not whole_table:
-            table = model.flow_representation
+            table = functools.partial(model.flow_representation, kernels=kernels)
         if tabulate:
             modulation_at = nstep_lib.modulation_lookup(model, times, mods)
 

@@ -152,7 +152,7 @@ def _train_grads(graphdef, trainable, rest, input_ids, labels, timesteps, noise,
 
 def grads_by_original_name(model, grads) -> dict[str, np.ndarray]:
     """A gradient State (from ``train_grads``) as {original parameter name: (original layout)}."""
-    from l2d_jax.convert.torch_l2d import original_names
+    from l2d_jax.convert.original_names import original_names
 
     pure = nnx.to_pure_dict(grads)
     out = {}
@@ -295,7 +295,7 @@ class Golden:
 
     @functools.cached_property
     def settings(self):
-        from l2d_jax.convert.l2d_torch import read_settings
+        from l2d_jax.convert.original import read_settings
 
         if not self.is_l2d:
             raise L2DError("this case needs the L2D model, but the folder is base-model-only "
@@ -304,7 +304,7 @@ class Golden:
 
     @functools.cached_property
     def model(self):
-        from l2d_jax.convert.l2d_torch import l2d_from_original, read_state
+        from l2d_jax.convert.original import l2d_from_original, read_state
 
         state = read_state(self.dir / "l2d_state.safetensors")
         return l2d_from_original(self.base, self.settings, state)

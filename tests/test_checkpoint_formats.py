@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from l2d_jax import checkpoint
-from l2d_jax.convert.l2d_torch import load_l2d
+from l2d_jax.convert.loading import load_l2d
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ckpt_v1"
 

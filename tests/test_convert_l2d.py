@@ -18,9 +18,10 @@ from conftest import TESTS_DIR, golden_sets
 from jax_tiny import HF_CONFIG, tiny_llm
 from l2d_jax import checkpoint, cli
 from l2d_jax.convert.hf import save_hf
-from l2d_jax.convert.l2d_torch import abstract_l2d, load_l2d, read_settings
-from l2d_jax.convert.torch_l2d import export_original_state
-from l2d_jax.models.l2d import FLOW, L2DModel
+from l2d_jax.convert.loading import load_l2d
+from l2d_jax.convert.original import read_settings
+from l2d_jax.convert.original_names import export_original_state
+from l2d_jax.models.l2d import FLOW, L2DModel, abstract_l2d
 from l2d_jax.models.llm import LLMConfig
 
 L2D_SETS = [p for p in golden_sets() if (p / "l2d_settings.json").is_file()]

@@ -18,10 +18,10 @@ from safetensors.numpy import load_file
 
 from conftest import golden_sets
 from jax_tiny import HF_CONFIG, LORA_SETTINGS, tiny_llm
-from l2d_jax.convert.l2d_torch import abstract_l2d, l2d_from_original, read_settings
+from l2d_jax.convert.original import l2d_from_original, read_settings
 from l2d_jax.convert.names import stacked_path
-from l2d_jax.convert.torch_l2d import StateMismatch, export_original_state, original_names
-from l2d_jax.models.l2d import FLOW, L2DModel
+from l2d_jax.convert.original_names import StateMismatch, export_original_state, original_names
+from l2d_jax.models.l2d import FLOW, L2DModel, abstract_l2d
 from l2d_jax.models.llm import LLM, LLMConfig
 from l2d_jax.settings import L2DSettings, SettingsError
 from l2d_jax.verify import Golden, grads_by_original_name, rel_err, train_grads

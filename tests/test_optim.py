@@ -89,7 +89,7 @@ def test_decay_mask_excludes_biases_and_matches_the_original_names():
     from jax_tiny import tiny_l2d
     from flax import nnx
     from l2d_jax.convert.names import stacked_path
-    from l2d_jax.convert.torch_l2d import original_names
+    from l2d_jax.convert.original_names import original_names
     from l2d_jax.models.l2d import FLOW
 
     model = tiny_l2d(perturb=0.0)

@@ -117,7 +117,7 @@ def test_tensorboard_event_files_hold_the_scalars(tiny_run):
 
 
 def test_checkpoints_keep_the_last_two_and_the_export_loads(tiny_run):
-    from l2d_jax.convert.l2d_torch import load_l2d
+    from l2d_jax.convert.loading import load_l2d
 
     wd = tiny_run["wd"]
     assert sorted(int(p.name) for p in (wd / loop.CHECKPOINTS).iterdir() if p.name.isdigit()) == [4, 8]

@@ -76,8 +76,8 @@ def test_loss_and_gradients_match_the_original(golden):
     from flax import nnx
 
     from l2d_jax.convert.hf import load_hf
-    from l2d_jax.convert.l2d_torch import l2d_from_original, read_settings, read_state
-    from l2d_jax.convert.torch_l2d import original_names
+    from l2d_jax.convert.original import l2d_from_original, read_settings, read_state
+    from l2d_jax.convert.original_names import original_names
     from l2d_jax.convert.names import get_param
     from l2d_jax.models.l2d import FLOW
 

@@ -328,6 +328,27 @@ def _set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
+# --------------------------------------------------------------------------- tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def local_tokenizer(directory: str | os.PathLike):
+    """The HF tokenizer saved in ``directory`` (transformers' AutoTokenizer), or None when it
+    holds no tokenizer files. A converted checkpoint keeps it in its ``tokenizer/``."""
+    from l2d_jax.checkpoint import MANIFEST, TOKENIZER_DIR
+
+    d = Path(directory)
+    if (d / MANIFEST).is_file():
+        d = d / TOKENIZER_DIR
+    if not any((d / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d))
+
+
 # --------------------------------------------------------------------------- export
 
 

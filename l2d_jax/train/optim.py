@@ -5,7 +5,7 @@ As in the original (``pipeline/util.py`` + DeepSpeed, spec section 9):
 - AdamW with betas (0.9, 0.95), eps 1e-8, decoupled weight decay 0.01 applied to every
   trainable parameter whose ORIGINAL name contains ``bias``, ``ln`` or ``LayerNorm`` NOT
   (among L2D's trainable parameters that is exactly the biases); ``decay_mask`` maps our
-  parameter paths to the original names through ``l2d_jax.convert.torch_l2d.original_names``.
+  parameter paths to the original names through ``l2d_jax.convert.original_names.original_names``.
 - Gradients clipped to a global L2 norm of ``grad_clip`` (1.0) before the update, the way
   ``torch.nn.utils.clip_grad_norm_`` does it: scale ``min(1, max_norm / (norm + 1e-6))``.
 - Schedules, as functions of optax's update count ``c`` (0 for the first update, so
@@ -145,7 +145,7 @@ def decay_mask(params: Mapping, settings=None, llm_cfg=None) -> Any:
     True where weight decay applies.
 
     With ``settings`` and ``llm_cfg`` the decision is the original's: the parameter's
-    original name (``torch_l2d.original_names``) contains none of ``bias``, ``ln``,
+    original name (``convert.original_names.original_names``) contains none of ``bias``, ``ln``,
     ``LayerNorm``. Paths the table does not know (and everything without settings) fall back
     to our own name: no decay for a leaf called ``bias`` (or whose path mentions ``norm``
     weights of LayerNorm style, i.e. containing ``ln`` / ``LayerNorm`` as a path element).
@@ -153,7 +153,7 @@ def decay_mask(params: Mapping, settings=None, llm_cfg=None) -> Any:
     names: dict[tuple, str] = {}
     if settings is not None and llm_cfg is not None:
         from l2d_jax.convert.names import stacked_path
-        from l2d_jax.convert.torch_l2d import original_names
+        from l2d_jax.convert.original_names import original_names
 
         # keyed by the stacked parameter (every layer's name follows one pattern)
         names = {stacked_path(tuple(e.path))[0]: e.name for e in original_names(settings, llm_cfg)

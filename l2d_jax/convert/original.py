@@ -1,6 +1,6 @@
 """Original (PyTorch) L2D checkpoints <-> l2d-jax checkpoint directories.
 
-The CLI-facing half of ``l2d_jax.convert.torch_l2d`` (which holds the name table):
+The CLI-facing half of ``l2d_jax.convert.original_names`` (which holds the name table):
 
 - ``read_state(path)``: an original ``state_dict`` (original names) from a ``.safetensors``
   file, a ``.bin`` / ``.pt`` file (torch, lazily imported) or the directory the original's
@@ -11,9 +11,8 @@ The CLI-facing half of ``l2d_jax.convert.torch_l2d`` (which holds the name table
 - ``read_settings(path)``: L2D settings from a JSON of original constructor names or from an
   original training ``.cfg`` file (``settings_from_cfg``).
 - ``convert_l2d_torch(...)``: STATE + base HF dir + SETTINGS -> checkpoint dir (kind "l2d").
-- ``load_l2d(ckpt_dir)``: a converted kind-"l2d" checkpoint -> (L2DModel, tokenizer or None).
-- ``export_checkpoint(ckpt_dir, out_file)``: the original's full key set (aliases as
-  separate copies) as ``.safetensors`` (or ``.bin`` via torch).
+
+Our own checkpoints (``load_l2d``) and ``convert export`` live in ``convert/loading.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +31,13 @@ import numpy as np
 from flax import nnx
 
 from l2d_jax import checkpoint
+from l2d_jax.convert import hf
+from l2d_jax.convert.hf import _one_line, _torch_to_numpy, load_hf, local_tokenizer
+from l2d_jax.convert.names import get_param, set_params
+from l2d_jax.convert.original_names import StateMismatch, import_original_state, original_names
 from l2d_jax.errors import L2DError
-from l2d_jax.models.llm import LLM, LLMConfig
+from l2d_jax.models.l2d import abstract_l2d
+from l2d_jax.models.llm import LLM
 from l2d_jax.settings import L2DSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -70,8 +74,6 @@ def read_state(path: str | os.PathLike) -> LazyState:
 
     Tensors keep their stored dtype; bfloat16 comes back as ``ml_dtypes.bfloat16``.
     """
-    from l2d_jax.convert import hf
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"state {p} does not exist")
@@ -104,8 +106,6 @@ def _torch_readers(path: Path) -> dict[str, Callable[[], np.ndarray]]:
     except ImportError:
         raise L2DError(f"{path} is a PyTorch checkpoint; reading it needs torch "
                        "(pip install 'l2d-jax[torch]'), or save the state as .safetensors") from None
-    from l2d_jax.convert.hf import _one_line, _torch_to_numpy
-
     try:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -348,13 +348,6 @@ def settings_from_cfg(path: str | os.PathLike) -> tuple[L2DSettings, SettingsInf
 # --------------------------------------------------------------------------- models
 
 
-def abstract_l2d(cfg: LLMConfig, settings: L2DSettings):
-    """An L2DModel with abstract (ShapeDtypeStruct) parameters, built without memory."""
-    from l2d_jax.models.l2d import L2DModel
-
-    return nnx.eval_shape(lambda: L2DModel(LLM(cfg, rngs=nnx.Rngs(0)), settings, rngs=nnx.Rngs(0)))
-
-
 def l2d_from_original(base: LLM, settings: L2DSettings, state: Mapping[str, np.ndarray]):
     """An L2DModel around ``base`` with every flow parameter taken from an original state_dict.
 
@@ -363,16 +356,12 @@ def l2d_from_original(base: LLM, settings: L2DSettings, state: Mapping[str, np.n
     too) the base tensors of ``state`` replace ``base``'s instead. Raises StateMismatch
     naming the first offending key.
     """
-    from l2d_jax.convert.torch_l2d import StateMismatch, import_original_state, original_names
-
     settings.validate(hidden_size=base.cfg.hidden_size)
     graphdef, abstract = nnx.split(abstract_l2d(base.cfg, settings))
     pure = nnx.to_pure_dict(abstract)
     pure["base"] = nnx.to_pure_dict(nnx.state(base))
     check_base = True
     if settings.base_params_to_freeze == "none":
-        from l2d_jax.convert.names import get_param, set_params
-
         base_values = {}
         for e in original_names(settings, base.cfg):
             if e.alias_of is None and e.path[0] == "base":
@@ -403,27 +392,6 @@ def l2d_from_original(base: LLM, settings: L2DSettings, state: Mapping[str, np.n
     return model
 
 
-def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
-    """(L2DModel, tokenizer or None) from a converted checkpoint directory of kind "l2d"."""
-    from l2d_jax.convert.loading import load_tokenizer
-
-    manifest = checkpoint.read_manifest(ckpt_dir)
-    if manifest["kind"] != "l2d":
-        raise L2DError(f"{ckpt_dir} is a base-model checkpoint (kind {manifest['kind']!r}), not an L2D one")
-    if "l2d_settings" not in manifest:
-        raise L2DError(f"{ckpt_dir}/{checkpoint.MANIFEST} lacks 'l2d_settings'")
-    cfg = LLMConfig.from_hf(manifest["hf_config"], dtype=dtype, param_dtype=param_dtype)
-    settings = settings_from_constructor_dict(manifest["l2d_settings"])
-    graphdef, state = nnx.split(abstract_l2d(cfg, settings))
-    pure = nnx.to_pure_dict(state)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    for part in ("base", "flow"):
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), pure[part])
-        pure[part] = checkpoint.restore_params(ckpt_dir, part, target)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), load_tokenizer(ckpt_dir)
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -437,9 +405,6 @@ def convert_l2d_torch(state_path: str | os.PathLike, base_dir: str | os.PathLike
     ``report`` receives one-line notices (warnings, ignored cfg keys). Nothing is left at
     ``out_dir`` when this fails.
     """
-    from l2d_jax.convert.hf import load_hf
-    from l2d_jax.convert.loading import load_tokenizer
-
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     report = report or log.warning
@@ -454,48 +419,11 @@ def convert_l2d_torch(state_path: str | os.PathLike, base_dir: str | os.PathLike
     base, hf_config = load_hf(base_dir, dtype=dtype)
     model = l2d_from_original(base, settings, state)
     del base, state
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = local_tokenizer(base_dir)
     return checkpoint.save_checkpoint(
         out_dir, base_params=nnx.to_pure_dict(nnx.state(model.base, nnx.Param)), hf_config=hf_config,
         tokenizer=tokenizer, kind="l2d", flow_params=nnx.to_pure_dict(nnx.state(model.flow, nnx.Param)),
         l2d_settings=settings.to_dict(), dtype=dtype, overwrite=overwrite)
-
-
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *,
-                      dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Writes the original's full state_dict (original names; aliases as separate copies)
-    of a converted L2D checkpoint: ``.safetensors``, or ``.bin`` / ``.pt`` via torch."""
-    from l2d_jax.convert.torch_l2d import export_original_state
-
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    out = Path(out_file)
-    suffix = out.suffix.lower()
-    if suffix not in STATE_SUFFIXES:
-        raise L2DError(f"output {out}: use a {', '.join(STATE_SUFFIXES)} file name")
-    if out.exists() and not overwrite:
-        raise L2DError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist")
-    if suffix != ".safetensors":
-        _require_torch(out)
-    model, _ = load_l2d(ckpt_dir)
-    tensors = {k: np.array(v, copy=True) for k, v in export_original_state(model, dtype).items()}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        else:
-            import torch
-
-            torch.save({k: _numpy_to_torch(v) for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
 
 
 def _require_torch(path: Path) -> None:
