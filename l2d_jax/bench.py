@@ -103,6 +103,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2d_jax import solvers
 from l2d_jax.kernels import backend, cpu_matvec
 
 # The original PyTorch implementation (SakanaAI/L2D), measured on this machine kind (2 CPU
@@ -117,7 +118,7 @@ ORIGINAL_TORCH_CPU = {
 }
 
 DEFAULT_STEPS = (0, 2, 4, 8, 16)
-STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+STAGES = {m: solvers.num_stages(m) for m in solvers.FIXED_GRID_METHODS}  # velocity evaluations per step
 
 
 # --------------------------------------------------------------------------- helpers

@@ -14,6 +14,7 @@ import platform
 import sys
 from collections.abc import Callable, Mapping
 
+from l2d_jax import solvers
 from l2d_jax.errors import L2DError
 
 DTYPES = ("float32", "bfloat16")
@@ -393,8 +394,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
     p.add_argument("--steps", type=int, default=None,
                    help="ODE grid points per token (0: base model; default: 8 for L2D models, 0 otherwise)")
-    p.add_argument("--solver", default="midpoint", help="ODE method (euler, midpoint, heun, heun3, rk4, "
-                   "adaptive_heun, bosh3, fehlberg2, dopri5)")
+    p.add_argument("--solver", default="midpoint", help=f"ODE method ({', '.join(solvers.METHODS)})")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="token temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=0)

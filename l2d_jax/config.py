@@ -39,6 +39,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from l2d_jax import solvers
 from l2d_jax.errors import L2DError
 from l2d_jax.settings import L2DSettings, SettingsError
 
@@ -84,8 +85,7 @@ DTYPES = ("bfloat16", "float32")
 DATA_SOURCES = ("hf", "local", "tfds", "synthetic", "auto")
 SCHEDULERS = ("warmup_decay", "warmup_linear", "warmup_cosine")
 LOSS_NORMALIZATIONS = ("micro_batch_mean", "token_weighted")
-ODE_SOLVERS = ("euler", "midpoint", "heun", "heun2", "heun3", "rk4",
-               "adaptive_heun", "bosh3", "fehlberg2", "dopri5")
+ODE_SOLVERS = solvers.METHODS  # the registry in solvers.py
 SHARED_TASKS = ("math", "coding", "general_qa", "other")  # the original's guidance categories
 TEMPLATE_TYPES = ("fixed_date_llama3", "base_llama")
 MESH_KEYS = ("data", "fsdp", "tensor")

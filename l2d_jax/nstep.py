@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from l2d_jax import diffusion, solvers
 
-FIXED_GRID = ("euler", "midpoint", "heun", "heun2", "heun3", "rk4")
+FIXED_GRID = solvers.FIXED_GRID_METHODS  # the registry in solvers.py
 
 
 @dataclasses.dataclass(frozen=True)

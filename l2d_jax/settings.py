@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from l2d_jax import solvers
 from l2d_jax.errors import L2DError
 
 
@@ -20,8 +21,7 @@ class SettingsError(L2DError, ValueError):
     """Contradictory or unknown L2D settings."""
 
 
-ODE_METHODS = ("euler", "midpoint", "heun", "heun2", "heun3", "rk4",
-               "adaptive_heun", "bosh3", "fehlberg2", "dopri5")
+ODE_METHODS = solvers.METHODS  # the registry in solvers.py
 
 
 def _frozen(d: dict) -> tuple:

@@ -19,6 +19,8 @@ given first step. ``integrate`` dispatches on the method name.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import operator
 from collections.abc import Callable
@@ -68,21 +70,7 @@ def _linspace_f32(num_points: int, final_t: float) -> np.ndarray:
     return np.where(i < num_points // 2, head, tail)
 
 
-# Stage times of one step from (t0, dt, t1), float32 numpy arrays, in torchdiffeq's order
-# of operations (every op rounded to float32; torch runs them as separate kernels).
-_STAGE_TIMES = {
-    "euler": lambda t0, dt, t1: (t0,),
-    "midpoint": lambda t0, dt, t1: (t0, t0 + np.float32(0.5) * dt),
-    "heun2": lambda t0, dt, t1: (t0, t0 + dt * np.float32(1.0)),
-    "heun3": lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS),
-    "rk4": lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS, t1),
-}
 _ALIASES = {"heun": "heun2"}
-FIXED_GRID_METHODS = tuple(_STAGE_TIMES) + tuple(_ALIASES)
-
-
-def _num_stages(method: str) -> int:
-    return len(_STAGE_TIMES[method](0.0, 0.0, 0.0))
 
 
 def _canonical_method(method: str) -> str:
@@ -98,14 +86,14 @@ def _schedule_np(method: str, num_points: int, final_t: float) -> tuple[np.ndarr
     grid = _linspace_f32(num_points, final_t)
     t0, t1 = grid[:-1], grid[1:]
     dt = t1 - t0
-    return np.stack(_STAGE_TIMES[method](t0, dt, t1), axis=-1), dt
+    return np.stack(FIXED_GRID[method].stage_times(t0, dt, t1), axis=-1), dt
 
 
 @functools.lru_cache(maxsize=64)
 def _tables(method: str, max_points: int, final_t: float) -> tuple[np.ndarray, ...]:
     """Row N (2 <= N <= max_points) holds the N-point grid (max_points,), its stage times
     (max_points-1, S) and step sizes (max_points-1,); rows are padded past the grid."""
-    n_stages = _num_stages(method)
+    n_stages = FIXED_GRID[method].stages
     grids = np.full((max_points + 1, max_points), np.float32(final_t), np.float32)
     times = np.full((max_points + 1, max_points - 1, n_stages), np.float32(final_t), np.float32)
     dts = np.zeros((max_points + 1, max_points - 1), np.float32)
@@ -199,13 +187,38 @@ def _rk4_step(f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree
     )
 
 
-_STEPS = {
-    "euler": _euler_step,
-    "midpoint": _midpoint_step,
-    "heun2": _heun2_step,
-    "heun3": _heun3_step,
-    "rk4": _rk4_step,
+@dataclasses.dataclass(frozen=True)
+class FixedGridSolver:
+    """A fixed-grid method: where its stages evaluate the velocity within a step
+    (``stage_times(t0, dt, t1)``), one step (``step(f, ts, dt, y0)``) and the stage count."""
+
+    stage_times: Callable
+    step: Callable
+
+    @property
+    def stages(self) -> int:
+        return len(self.stage_times(0.0, 0.0, 0.0))
+
+
+# The one registry of ODE methods: the fixed-grid ones here (and their aliases), the adaptive
+# ones in ``_TABLEAUS`` below. Everything else (settings, configs, the converter of the
+# original's settings, bench, the CLI's help) reads ``METHODS`` / ``FIXED_GRID_METHODS`` /
+# ``ADAPTIVE_METHODS`` / ``num_stages``.
+# Stage times of one step from (t0, dt, t1), float32 numpy arrays, in torchdiffeq's order
+# of operations (every op rounded to float32; torch runs them as separate kernels).
+FIXED_GRID = {
+    "euler": FixedGridSolver(lambda t0, dt, t1: (t0,), _euler_step),
+    "midpoint": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + np.float32(0.5) * dt), _midpoint_step),
+    "heun2": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + dt * np.float32(1.0)), _heun2_step),
+    "heun3": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS), _heun3_step),
+    "rk4": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS, t1), _rk4_step),
 }
+FIXED_GRID_METHODS = tuple(FIXED_GRID) + tuple(_ALIASES)
+
+
+def num_stages(method: str) -> int:
+    """Velocity evaluations per step of a fixed-grid method (an alias included)."""
+    return FIXED_GRID[_canonical_method(method)].stages
 
 
 def _zero_at_one(f: VelocityFn) -> VelocityFn:
@@ -243,7 +256,7 @@ def integrate_fixed(
     time_dtype = jnp.promote_types(jax.tree.leaves(x0)[0].dtype, jnp.float32)
     times = times.astype(time_dtype)
     length = times.shape[0] + 1
-    step, g = _STEPS[method], _zero_at_one(f)
+    step, g = FIXED_GRID[method].step, _zero_at_one(f)
 
     def body(i: jax.Array, carry: tuple[PyTree, PyTree]) -> tuple[PyTree, PyTree]:
         y, trajectory = carry
@@ -261,7 +274,7 @@ def integrate_fixed(
         trajectory = jax.tree.map(
             lambda tr, v: jnp.where(past_end.reshape((-1,) + (1,) * v.ndim), v, tr), trajectory, x
         )
-    nfe = jnp.asarray(_num_stages(method) * (n - 1), jnp.int32)
+    nfe = jnp.asarray(FIXED_GRID[method].stages * (n - 1), jnp.int32)
     return ODESolution(x, nfe, trajectory)
 
 

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from l2d_jax import checkpoint
+from l2d_jax import checkpoint, solvers
 from l2d_jax.convert import hf
 from l2d_jax.convert.hf import _one_line, _torch_to_numpy, load_hf, local_tokenizer
 from l2d_jax.convert.names import get_param, set_params
@@ -220,8 +220,9 @@ TRAINING_CLI_DERIVED: dict[str, tuple[str, Any]] = {
     "ode_solver_atol": (_F, 1e-5),
     "ode_solver_rtol": (_F, 1e-5),
 }
-FIXED_GRID_SOLVERS = ("euler", "midpoint", "heun", "heun2", "heun3", "rk4")
-ADAPTIVE_SOLVERS = ("adaptive_heun", "fehlberg2", "bosh3")
+# the solvers the original's build_ode_solver accepts (dopri5 is ours only)
+FIXED_GRID_SOLVERS = solvers.FIXED_GRID_METHODS
+ADAPTIVE_SOLVERS = tuple(m for m in solvers.ADAPTIVE_METHODS if m != "dopri5")
 
 
 def parse_cfg(path: str | os.PathLike) -> list[tuple[str, str, int]]:
