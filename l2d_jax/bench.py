@@ -105,6 +105,7 @@ import numpy as np
 
 from l2d_jax import solvers
 from l2d_jax.kernels import backend, cpu_matvec
+from l2d_jax.errors import UsageError
 
 # The original PyTorch implementation (SakanaAI/L2D), measured on this machine kind (2 CPU
 # cores, float32, SmolLM2-135M-Instruct with the released LoRA settings, batch 1); figures
@@ -172,7 +173,7 @@ def nfe_per_token(solver: str, ode_steps: int) -> int:
     if ode_steps == 0:
         return 0
     if solver not in STAGES:
-        raise ValueError(f"bench supports the fixed-grid solvers {sorted(STAGES)}, got {solver!r}")
+        raise UsageError(f"bench supports the fixed-grid solvers {sorted(STAGES)}, got {solver!r}")
     return STAGES[solver] * (ode_steps - 1)
 
 
@@ -492,7 +493,7 @@ def bench_generate(model, *, batches=(1, 8), steps=DEFAULT_STEPS, new_tokens: in
     is_l2d = hasattr(model, "flow")
     steps = tuple(int(s) for s in steps)
     if not is_l2d and any(steps):
-        raise ValueError("ode_steps > 0 needs an L2D model")
+        raise UsageError("ode_steps > 0 needs an L2D model")
     base = model.base if is_l2d else model
     cfg = base.cfg
     machine = machine_info() if machine is None else machine
@@ -898,9 +899,9 @@ def parse_ints(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
     if not vals:
-        raise ValueError("expected at least one integer")
+        raise UsageError("expected at least one integer")
     return vals
 
 
@@ -932,9 +933,9 @@ def run_generate(args) -> int:
     _set_compilation_cache(args.compilation_cache)
     batches, steps = parse_ints(args.batch), parse_ints(args.steps)
     if args.solver not in STAGES:
-        raise ValueError(f"--solver must be one of {sorted(STAGES)} (fixed grid), got {args.solver!r}")
+        raise UsageError(f"--solver must be one of {sorted(STAGES)} (fixed grid), got {args.solver!r}")
     if any(s == 1 or s < 0 for s in steps):
-        raise ValueError("--steps counts ODE grid points: 0 (base model) or >= 2")
+        raise UsageError("--steps counts ODE grid points: 0 (base model) or >= 2")
     print("measuring memory bandwidth ...", file=sys.stderr)
     machine = machine_info()
     print(f"loading {args.model or 'SmolLM2-135M-Instruct GGUF'} ...", file=sys.stderr)

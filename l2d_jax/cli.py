@@ -2,8 +2,10 @@
 
 Each subcommand is one ``_add_<name>(subparsers)`` function listed in ``SUBCOMMANDS``; the
 kinds of ``convert`` are listed in ``CONVERT_KINDS``. A handler takes the parsed namespace
-and returns an exit code (None = 0). User errors (``L2DError``, ``ValueError``, ``OSError``)
-become one line ``error: ...`` on stderr and exit code 2.
+and returns an exit code (None = 0). The project's user-facing errors (``L2DError`` and its
+subclasses such as ``UsageError``) and ``OSError`` (a path that is missing or unwritable)
+become one line ``error: ...`` on stderr and exit code 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     compilation_cache.enable()
     try:
         code = args.func(args)
-    except (L2DError, ValueError, OSError) as e:
+    except (L2DError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0 if code is None else int(code)

@@ -29,6 +29,7 @@ from l2d_jax import solvers
 from l2d_jax.kernels import backend
 from l2d_jax.models.llm import LLM, init_cache, positions_from_mask
 from l2d_jax.sampling import Sampler
+from l2d_jax.errors import UsageError
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -70,13 +71,13 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -
     """Left-pads token lists to `length` (default: the bucket of the longest).
     Returns ids (B, P) int32 and attention mask (B, P) int32."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise UsageError("every prompt needs at least one token")
     length = length or bucket_length(max(len(p) for p in prompts))
     ids = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
         if len(p) > length:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the padded length {length}")
+            raise UsageError(f"prompt {i} has {len(p)} tokens, more than the padded length {length}")
         ids[i, length - len(p):] = p
         mask[i, length - len(p):] = 1
     return ids, mask
@@ -281,15 +282,15 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
     if sample_ids is None:
         sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), ids.shape[0])
     if ode_steps and isinstance(model, LLM):
-        raise ValueError("ode_steps > 0 needs an L2D model; this is a base model (use ode_steps=0)")
+        raise UsageError("ode_steps > 0 needs an L2D model; this is a base model (use ode_steps=0)")
     if ode_steps == 1 or ode_steps < 0 or ode_steps > opts.max_ode_points:
-        raise ValueError(f"ode_steps counts ODE grid points: 0 (base model) or 2..{opts.max_ode_points} "
+        raise UsageError(f"ode_steps counts ODE grid points: 0 (base model) or 2..{opts.max_ode_points} "
                          f"(raise GenerateOptions.max_ode_points), got {ode_steps}")
     if prefilled is None:
         prefilled = prefill(model, ids, mask, opts.max_new_tokens, n, opts.kernels)
     want = (b, ids.shape[1] + opts.max_new_tokens)
     if tuple(prefilled.kv_valid.shape) != want:
-        raise ValueError(f"prefilled holds {tuple(prefilled.kv_valid.shape)} (rows, prompt + new slots); these "
+        raise UsageError(f"prefilled holds {tuple(prefilled.kv_valid.shape)} (rows, prompt + new slots); these "
                          f"prompts with num_return_sequences={n} and max_new_tokens={opts.max_new_tokens} "
                          f"need {want}: build it with prefill(model, ids, mask, {opts.max_new_tokens}, {n})")
     g = guidance

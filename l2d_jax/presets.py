@@ -13,6 +13,7 @@ constructor names of ``l2d_jax.settings.L2DSettings``.
 from __future__ import annotations
 
 import copy
+from l2d_jax.errors import UsageError
 
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -87,7 +88,7 @@ L2D_SETTINGS = {"lora": RELEASED_LORA, "full": RELEASED_FULL}
 def hf_config(preset: str) -> dict:
     """A copy of the HF config dict of ``preset``; ValueError naming the known presets."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise UsageError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[preset])
 
 
@@ -98,7 +99,7 @@ def l2d_settings(l2d: str | dict):
     if isinstance(l2d, dict):
         return L2DSettings.from_dict(l2d)
     if l2d not in L2D_SETTINGS:
-        raise ValueError(f"unknown L2D settings {l2d!r}; use 'lora' or 'full'")
+        raise UsageError(f"unknown L2D settings {l2d!r}; use 'lora' or 'full'")
     return L2DSettings.from_dict(L2D_SETTINGS[l2d])
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from l2d_jax.errors import UsageError
 
 PyTree = Any
 VelocityFn = Callable[[jax.Array, PyTree], PyTree]
@@ -75,7 +76,7 @@ _ALIASES = {"heun": "heun2"}
 
 def _canonical_method(method: str) -> str:
     if method not in FIXED_GRID_METHODS:
-        raise ValueError(
+        raise UsageError(
             f"ODE method must be one of {', '.join(map(repr, FIXED_GRID_METHODS))}, got {method!r}"
         )
     return _ALIASES.get(method, method)
@@ -116,7 +117,7 @@ def _schedule(
         except TypeError:
             raise ValueError("num_points is traced: pass a static max_points to size the grid") from None
         if n < 2:
-            raise ValueError(f"num_points (ode_steps) counts grid points and must be >= 2, got {n}")
+            raise UsageError(f"num_points (ode_steps) counts grid points and must be >= 2, got {n}")
         times, dts = _schedule_np(method, n, final_t)
         return jnp.asarray(_linspace_f32(n, final_t)), jnp.asarray(times), jnp.asarray(dts), n
     if max_points < 2:
@@ -127,7 +128,7 @@ def _schedule(
         n = jnp.clip(num_points, 2, max_points)
     else:
         if not 2 <= n <= max_points:
-            raise ValueError(f"num_points must be in [2, max_points={max_points}], got {n}")
+            raise UsageError(f"num_points must be in [2, max_points={max_points}], got {n}")
     grids, times, dts = _tables(method, max_points, float(final_t))
     return jnp.asarray(grids)[n], jnp.asarray(times)[n], jnp.asarray(dts)[n], n
 
@@ -436,7 +437,7 @@ def integrate_adaptive(
     steps do not depend on them), padded to max_points as in integrate_fixed.
     """
     if method not in _TABLEAUS:
-        raise ValueError(f"adaptive ODE method must be one of {', '.join(map(repr, ADAPTIVE_METHODS))}, "
+        raise UsageError(f"adaptive ODE method must be one of {', '.join(map(repr, ADAPTIVE_METHODS))}, "
                          f"got {method!r}")
     tab = _TABLEAUS[method]
     max_steps = operator.index(max_steps)
@@ -642,8 +643,8 @@ def integrate(
             batch_axis=batch_axis, max_steps=max_steps, first_step=first_step, num_points=num_points,
             max_points=max_points, return_trajectory=return_trajectory)
     if method not in FIXED_GRID_METHODS:
-        raise ValueError(f"ODE method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        raise UsageError(f"ODE method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if num_points is None:
-        raise ValueError(f"fixed-grid method {method!r} needs num_points (grid points, >= 2)")
+        raise UsageError(f"fixed-grid method {method!r} needs num_points (grid points, >= 2)")
     return integrate_fixed(f, x0, num_points, final_t, method, max_points=max_points,
                            return_trajectory=return_trajectory)

@@ -48,3 +48,28 @@ def test_the_rerun_process_backs_large_buffers_with_huge_pages():
     got = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                check=True).stdout.split()[-1])
     assert got >= 32
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    """The project's own errors (UsageError, L2DError) exit 2 with one line; a plain
+    ValueError from inside is a bug and propagates with its traceback."""
+    from l2d_jax import plan as plan_lib
+    from l2d_jax.errors import UsageError
+
+    config = str(Path(__file__).parent.parent / "configs" / "tiny_test.py")
+    args = ["plan", "--config", config, "--mesh", "data=1"]
+
+    def user_error(*a, **k):
+        raise UsageError("mesh data=3 does not divide the 2 devices; use data=1 or data=2")
+
+    monkeypatch.setattr(plan_lib, "plan", user_error)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: mesh data=3 does not divide the 2 devices; use data=1 or data=2"
+
+    def bug(*a, **k):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(plan_lib, "plan", bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(args)

@@ -34,7 +34,7 @@ from l2d_jax.convert.hf import load_hf, local_tokenizer
 from l2d_jax.convert.original import STATE_SUFFIXES, _numpy_to_torch, _require_torch, \
     settings_from_constructor_dict
 from l2d_jax.convert.original_names import export_original_state
-from l2d_jax.errors import L2DError
+from l2d_jax.errors import L2DError, UsageError
 from l2d_jax.models.l2d import L2DModel, abstract_l2d
 from l2d_jax.models.llm import LLM, LLMConfig
 
@@ -119,9 +119,9 @@ def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
     Parameters are stored in ``dtype``. Nothing is left at ``out_dir`` when this fails.
     """
     if kind not in CONVERT_KINDS:
-        raise ValueError(f"convert kind must be one of {CONVERT_KINDS}, got {kind!r}")
+        raise UsageError(f"convert kind must be one of {CONVERT_KINDS}, got {kind!r}")
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        raise UsageError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     checkpoint.check_output_dir(out_dir, overwrite)  # fail before the slow part
     if kind == "hf":
         if source_kind(src) != "hf":
@@ -243,7 +243,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, 
     """Writes the original's full state_dict (original names; aliases as separate copies)
     of a converted L2D checkpoint: ``.safetensors``, or ``.bin`` / ``.pt`` via torch."""
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        raise UsageError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     out = Path(out_file)
     suffix = out.suffix.lower()
     if suffix not in STATE_SUFFIXES:

@@ -35,7 +35,7 @@ from l2d_jax.convert import hf
 from l2d_jax.convert.hf import _one_line, _torch_to_numpy, load_hf, local_tokenizer
 from l2d_jax.convert.names import get_param, set_params
 from l2d_jax.convert.original_names import StateMismatch, import_original_state, original_names
-from l2d_jax.errors import L2DError
+from l2d_jax.errors import L2DError, UsageError
 from l2d_jax.models.l2d import abstract_l2d
 from l2d_jax.models.llm import LLM
 from l2d_jax.settings import L2DSettings, SettingsError
@@ -407,7 +407,7 @@ def convert_l2d_torch(state_path: str | os.PathLike, base_dir: str | os.PathLike
     ``out_dir`` when this fails.
     """
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        raise UsageError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     report = report or log.warning
     checkpoint.check_output_dir(out_dir, overwrite)  # fail before the slow part
     settings, info = read_settings(settings_path)

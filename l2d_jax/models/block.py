@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from l2d_jax.kernels import cpu_attention, cpu_matvec
 from l2d_jax.kernels.backend import XLA, Kernels
+from l2d_jax.errors import UsageError
 
 if TYPE_CHECKING:
     from l2d_jax.models.llm import LLMConfig
@@ -245,7 +246,7 @@ def scan_layers(body: Callable, carry, xs, remat: str = "none"):
     """``lax.scan(body, carry, xs)`` over the leading (layer) axis of ``xs``, the body under
     ``jax.checkpoint`` with the named policy of ``REMAT_POLICIES`` (none: as is)."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat policy must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+        raise UsageError(f"remat policy must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     policy = REMAT_POLICIES[remat]
     if policy is not None:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)

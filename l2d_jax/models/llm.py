@@ -33,6 +33,7 @@ from l2d_jax.kernels.backend import XLA, Kernels
 from l2d_jax.models.block import (BlockWeights, Modulation, Projection, causal_mask, decoder_block, matmuls,
                                   rms_norm, rope_cos_sin, scan_layers)
 from l2d_jax.sharding import gather_layer
+from l2d_jax.errors import UsageError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -67,20 +68,20 @@ class LLMConfig:
         """Reads an HF config dict (transformers 4 or 5 style). Raises ValueError when unsupported."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
+            raise UsageError(
                 f"unsupported architecture model_type={model_type!r}; supported: "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3/3.1/3.2, SmolLM2, Qwen2/2.5, Qwen3 dense)"
             )
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
         if missing:
-            raise ValueError(f"config.json lacks required keys {missing}")
+            raise UsageError(f"config.json lacks required keys {missing}")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' is supported")
+            raise UsageError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' is supported")
         if hf.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=True is not supported; set it to false")
+            raise UsageError("use_sliding_window=True is not supported; set it to false")
         if hf.get("mlp_bias"):
-            raise ValueError("mlp_bias=True is not supported")
+            raise UsageError("mlp_bias=True is not supported")
         heads = hf["num_attention_heads"]
         rope_theta, scaling = _rope_settings(hf)
         return cls(
@@ -120,11 +121,11 @@ def _rope_settings(hf: dict) -> tuple[float, tuple | None]:
     if kind == "default":
         return theta, None
     if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, llama3")
+        raise UsageError(f"unsupported rope scaling type {kind!r}; supported: default, llama3")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     absent = [k for k in keys if k not in scaling]
     if absent:
-        raise ValueError(f"llama3 rope scaling lacks {absent}")
+        raise UsageError(f"llama3 rope scaling lacks {absent}")
     return theta, tuple(sorted((k, float(scaling[k])) for k in keys))
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from l2d_jax.errors import UsageError
 
 SCHEDULES = ("warmup_decay", "warmup_linear", "warmup_cosine")
 NO_DECAY_SUBSTRINGS = ("bias", "ln", "LayerNorm")  # the original's no_decay list
@@ -53,9 +54,9 @@ def make_schedule(scheduler_type: str, *, peak_lr: float, min_lr: float, n_warmu
                   total_steps: int, cosine_min_ratio: float = 0.1) -> Callable[[Any], jax.Array]:
     """lr as a function of optax's update count (0-based; jnp or python ints). See module doc."""
     if scheduler_type not in SCHEDULES:
-        raise ValueError(f"scheduler_type must be one of {SCHEDULES}, got {scheduler_type!r}")
+        raise UsageError(f"scheduler_type must be one of {SCHEDULES}, got {scheduler_type!r}")
     if total_steps < 1:
-        raise ValueError(f"the schedule needs total_steps >= 1, got {total_steps}")
+        raise UsageError(f"the schedule needs total_steps >= 1, got {total_steps}")
     peak, low, total = float(peak_lr), float(min_lr), int(total_steps)
 
     if scheduler_type == "warmup_linear":

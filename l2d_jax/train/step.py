@@ -70,7 +70,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from l2d_jax import diffusion, sharding as shd
-from l2d_jax.errors import L2DError
+from l2d_jax.errors import L2DError, UsageError
 from l2d_jax.models.block import REMAT_POLICIES
 from l2d_jax.models.l2d import FLOW, broadcast_labels, broadcast_t
 
@@ -99,10 +99,10 @@ class StepConfig:
 
     def __post_init__(self):
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+            raise UsageError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)} (remat=True/False are "
+            raise UsageError(f"remat_policy must be one of {tuple(REMAT_POLICIES)} (remat=True/False are "
                              f"aliases of 'full' / 'none'), got {self.remat!r}")
         if self.micro_batch_size < 1 or self.n_samples_before_backprop < 1:
             raise BatchSizeError(f"micro_batch_size ({self.micro_batch_size}) and n_samples_before_backprop "
