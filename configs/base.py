@@ -26,6 +26,7 @@ def get_config(arg=None):
         dtype="bfloat16",              # the original trains with DeepSpeed bf16 = True
         param_dtype="bfloat16",
         remat=False,                   # the original: no activation checkpointing
+        remat_policy=None,             # none / full / save_dots (None: from remat)
         shifted_labels=True,           # train_forward_step's labels are shifted
 
         # ---- data (training.cfg [DATA], [TRAINING])

@@ -40,6 +40,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from l2d_jax import solvers
+from l2d_jax.models.block import REMAT_POLICIES
 from l2d_jax.errors import L2DError
 from l2d_jax.settings import L2DSettings, SettingsError
 
@@ -104,7 +105,10 @@ TRAINING_SCHEMA: dict[str, Spec] = {
                               choices=("original", "specified")),
     "dtype": _s("str", "compute dtype", choices=DTYPES),
     "param_dtype": _s("str", "parameter dtype of the (frozen) base model", choices=DTYPES),
-    "remat": _s("bool", "rematerialise decoder layers in the backward pass"),
+    "remat": _s("bool", "rematerialise decoder layers in the backward pass (alias: True = remat_policy full)"),
+    "remat_policy": _s("str", "the scanned block's rematerialisation policy (none: keep every activation, "
+                       "full: keep each layer's inputs, save_dots: keep the projections' outputs); "
+                       "None: from remat", choices=tuple(REMAT_POLICIES), nullable=True),
     "shifted_labels": _s("bool", "labels already shifted (label i = token i+1, the original's training); "
                                  "False: HF-style unshifted labels"),
     # data

@@ -421,8 +421,9 @@ def plan(cfg, *, mesh: Mapping[str, int] | None = None, num_devices: int | None 
     act_no_remat = saved["outside"] + n_layers * saved["layer"] + logits_bytes
     # remat: each layer's inputs, plus one layer's activations recomputed in the backward pass
     act_remat = saved["outside"] + n_layers * saved["layer_inputs"] + saved["layer"] + logits_bytes
-    remat = cfg.get("remat", False)
-    use_remat = remat is True or remat == "layer"
+    from l2d_jax.train.step import remat_policy
+
+    use_remat = remat_policy(cfg) != "none"  # the analytic figure counts "full" (each layer's inputs)
     activation_bytes = act_remat if use_remat else act_no_remat
 
     gathered_bytes = 0

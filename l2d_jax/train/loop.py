@@ -608,7 +608,7 @@ def _check_same_config(wd: Path, cfg_json: dict) -> None:
 # keys a restart may change without invalidating the checkpoints
 _RESTART_FREE_KEYS = {"mesh", "sharding_rules", "log_interval", "validate_interval", "save_model_interval",
                       "keep_checkpoints", "profile_steps", "save_wandb", "wandb_project", "wandb_run_name",
-                      "wandb_group_name", "save_dir", "remat", "micro_batch_size", "micro_valid_batch_size",
+                      "wandb_group_name", "save_dir", "remat", "remat_policy", "micro_batch_size", "micro_valid_batch_size",
                       "compute_nstep_loss", "num_t_bins", "save_log"}
 
 
