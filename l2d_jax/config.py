@@ -251,6 +251,17 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, valid
     return cfg
 
 
+# Keys added after runs were written, each with the value that reproduces those runs: a run's
+# stored config.json (a workdir) that lacks one gets it (``stored_config``).
+ADDED_KEYS = {"remat_policy": None}
+
+
+def stored_config(values: dict) -> ml_collections.ConfigDict:
+    """A run's stored config (``WORKDIR/config.json``) with the keys added since it was
+    written (``ADDED_KEYS``) filled in."""
+    return new_config({**ADDED_KEYS, **values})
+
+
 def new_config(values: dict) -> ml_collections.ConfigDict:
     """A ConfigDict for the schema: types are checked by ``validate_config``, not on assignment
     (so a float key may take ``polynomial_...`` where the schema allows it)."""

@@ -303,7 +303,7 @@ def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: s
         raise L2DError(f"{p} is not a training workdir, export or checkpoint")
     import orbax.checkpoint as ocp
 
-    cfg = config_lib.new_config(json.loads((p.parent.parent / CONFIG_JSON).read_text()))
+    cfg = config_lib.stored_config(json.loads((p.parent.parent / CONFIG_JSON).read_text()))
     cfg.dtype, cfg.param_dtype = dtype, param_dtype or dtype
     config_lib.validate_config(cfg, num_devices=1, process_count=1)
     base, tok = build_base(cfg)

@@ -597,7 +597,7 @@ def _check_same_config(wd: Path, cfg_json: dict) -> None:
     path = wd / CONFIG_JSON
     if not path.is_file() or not any(p.name.isdigit() for p in (wd / CHECKPOINTS).glob("*")):
         return
-    old = json.loads(path.read_text())
+    old = {**config_lib.ADDED_KEYS, **json.loads(path.read_text())}  # keys added since it was written
     changed = sorted(k for k in set(old) | set(cfg_json)
                      if old.get(k) != cfg_json.get(k) and k not in _RESTART_FREE_KEYS)
     if changed:
