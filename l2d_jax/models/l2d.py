@@ -399,15 +399,10 @@ class L2DModel(nnx.Module):
         rope = self.base.rope(positions)
         f = self.flow_input(x_t, t, kernels)
         mods = modulation.layers
-        rows = mods.reshape(mods.shape[:2] + (-1, mods.shape[-1])) if n == 1 else None  # (L, F, 1 or B, H)
-        weights = self.flow_weights() if n == 1 and kernels.decoder else None
-        if (n == 1 and kernels.decoder and rows.shape[2] in (1, b)
-                and cpu_decoder.usable(f[:, 0], cache, weights, rows)):
-            # one new position per sequence: the whole stack in one custom call
-            f, _ = cpu_decoder.run(f[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache,
-                                   weights, rows, num_heads=cfg.num_heads, eps=cfg.rms_norm_eps,
-                                   lora_scale=self.settings.lora_scale, write_kv=False)
-            f = f[:, None]
+        out = self._kernel_flow(f[:, 0], rope, mask[:, 0], cache, cache_index, mods) \
+            if n == 1 and kernels.decoder else None
+        if out is not None:
+            f = out[:, None]
         else:
             (base_def, base_stack), (flow_def, flow_stack) = nnx.split(self.base.layers), nnx.split(self.flow.layers)
 
@@ -421,6 +416,20 @@ class L2DModel(nnx.Module):
 
             f, _ = scan_layers(body, f, (base_stack, flow_stack, mods, jnp.arange(cfg.num_layers)))
         return self.base.head(h_last + modulation.final * f, kernels)
+
+    def _kernel_flow(self, f, rope, mask, cache, cache_index, mods) -> jax.Array | None:
+        """One new position per sequence, f (B, H), through the whole flow stack in one
+        ``cpu_decoder`` call reading the main stream's cache; None where it does not apply.
+        mods: the stacked modulation (L, F, ..., H)."""
+        b = f.shape[0]
+        rows = mods.reshape(mods.shape[:2] + (-1, mods.shape[-1]))  # (L, F, 1 or B, H)
+        weights = self.flow_weights()
+        if rows.shape[2] not in (1, b) or not cpu_decoder.usable(f, cache, weights, rows):
+            return None
+        out, _ = cpu_decoder.run(f, rope[0][:, 0], rope[1][:, 0], mask, cache_index, cache, weights, rows,
+                                 num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
+                                 lora_scale=self.settings.lora_scale, write_kv=False)
+        return out
 
 
 def broadcast_t(t, b: int, n: int) -> jax.Array:

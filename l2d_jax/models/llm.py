@@ -308,16 +308,9 @@ class LLM(nnx.Module):
         rope = self.rope(positions)
         h = self.embed(input_ids)
         if cache is not None and t == 1 and kernels.decoder:
-            weights, norms = self.layers.weights(), self.layers.norms()
-            stacked_norms = jnp.stack([norms.norm1, norms.norm2], axis=1)[:, :, None]  # (L, 2, 1, H)
-        if (cache is not None and t == 1 and kernels.decoder
-                and cpu_decoder.usable(h[:, 0], cache, weights, stacked_norms)):
-            # one new position per sequence: the whole stack in one custom call
-            out, cache = cpu_decoder.run(h[:, 0], rope[0][:, 0], rope[1][:, 0], mask[:, 0], cache_index, cache,
-                                         weights, stacked_norms, num_heads=self.cfg.num_heads,
-                                         eps=self.cfg.rms_norm_eps, write_kv=True)
-            return LLMOutput(self.head(out[:, None], kernels), out[:, None], cache)
-
+            out = self._kernel_step(h[:, 0], rope, mask[:, 0], cache, cache_index, kernels)
+            if out is not None:
+                return out
         graphdef, stacked = nnx.split(self.layers)
 
         def body(carry, xs):
@@ -330,6 +323,18 @@ class LLM(nnx.Module):
 
         (h, cache), _ = scan_layers(body, (h, cache), (stacked, jnp.arange(self.cfg.num_layers)), remat)
         return LLMOutput(self.head(h, kernels), h, cache)
+
+    def _kernel_step(self, h, rope, mask, cache, cache_index, kernels) -> LLMOutput | None:
+        """One new position per sequence, h (B, H), through the whole stack in one
+        ``cpu_decoder`` call (its k / v written into the cache); None where it does not apply."""
+        weights, norms = self.layers.weights(), self.layers.norms()
+        stacked_norms = jnp.stack([norms.norm1, norms.norm2], axis=1)[:, :, None]  # (L, 2, 1, H)
+        if not cpu_decoder.usable(h, cache, weights, stacked_norms):
+            return None
+        out, cache = cpu_decoder.run(h, rope[0][:, 0], rope[1][:, 0], mask, cache_index, cache, weights,
+                                     stacked_norms, num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
+                                     write_kv=True)
+        return LLMOutput(self.head(out[:, None], kernels), out[:, None], cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):
         """(B, T, S) attention mask shared by the main and the flow streams."""
