@@ -79,12 +79,16 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES, mesh: Mesh |
     return P(*out)
 
 
-def state_shardings(state, mesh: Mesh, rules=RULES):
-    """NamedShardings for an nnx.State (or abstract state), from each Variable's ``axes``."""
+def state_shardings(state, mesh: Mesh, rules=RULES, *, compute: bool = False):
+    """NamedShardings for an nnx.State (or abstract state), from each Variable's ``axes``:
+    where it is stored, or with ``compute`` where a step computes with it: gathered over
+    data / fsdp, except a stacked decoder-layer parameter, which keeps its stored sharding
+    and is gathered one layer at a time inside the scan (``gather_layer``)."""
     def one(var):
         axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
         value = var.get_value() if isinstance(var, nnx.Variable) else var  # also ShapeDtypeStruct
-        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, getattr(value, "shape", None)))
+        spec = logical_to_spec(axes, rules, mesh, getattr(value, "shape", None))
+        return NamedSharding(mesh, without_axes(spec, GATHERED) if compute and not _stacked(axes) else spec)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -115,6 +119,11 @@ GATHERED = ("data", "fsdp")  # mesh axes a parameter is all-gathered over for th
 _layer_gather = threading.local()
 
 
+def _stacked(axes) -> bool:
+    """Whether logical ``axes`` are those of a stacked decoder-layer parameter."""
+    return bool(axes) and axes[0] == "layers"
+
+
 @contextlib.contextmanager
 def gather_layers(mesh: Mesh, rules=RULES):
     """While a program is traced inside, ``gather_layer`` all-gathers one layer's parameters
@@ -140,7 +149,7 @@ def gather_layer(state):
 
     def one(var):
         axes = var.get_metadata().get("axes")
-        if not axes or axes[0] != "layers":
+        if not _stacked(axes):
             return var
         value = var.get_value()
         stored = logical_to_spec(axes[1:], rules, mesh, value.shape)

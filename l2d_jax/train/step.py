@@ -286,10 +286,12 @@ class Trainer:
         trainable = nnx.Param if self.train_base else FLOW
         self.graphdef, train_state, frozen_state = nnx.split(model, trainable, ...)
         self._train, self._frozen = _Half(train_state), _Half(frozen_state)
-        self.param_shardings = nnx.to_pure_dict(shd.state_shardings(train_state, mesh, rules)) \
-            if jax.tree.leaves(train_state) else {}
-        self.frozen_shardings = nnx.to_pure_dict(shd.state_shardings(frozen_state, mesh, rules)) \
-            if jax.tree.leaves(frozen_state) else {}
+
+        def shardings(state, compute=False):  # pure dicts like the halves' parameters
+            return nnx.to_pure_dict(shd.state_shardings(state, mesh, rules, compute=compute)) \
+                if jax.tree.leaves(state) else {}
+
+        self.param_shardings, self.frozen_shardings = shardings(train_state), shardings(frozen_state)
         self._init_params = nnx.to_pure_dict(train_state)
         self._init_frozen = nnx.to_pure_dict(frozen_state)
         self.replicated = NamedSharding(mesh, P())
@@ -302,13 +304,8 @@ class Trainer:
         # with jax 0.10.2 on CPU: with weights sharded (fsdp, tensor) used directly by the
         # backward pass while the batch is sharded over (data, fsdp), on a (2, 2, 2) mesh,
         # gradients came out wrong (tests/test_train_step.py checks every mesh against one device).
-        def gather(path, sh):
-            if _is_stacked(path):
-                return sh  # gathered per layer inside the scan
-            return NamedSharding(mesh, shd.without_axes(sh.spec, shd.GATHERED))
-
-        self.compute_shardings = jax.tree_util.tree_map_with_path(gather, self.param_shardings)
-        self.frozen_compute_shardings = jax.tree_util.tree_map_with_path(gather, self.frozen_shardings)
+        self.compute_shardings = shardings(train_state, compute=True)
+        self.frozen_compute_shardings = shardings(frozen_state, compute=True)
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), self._init_params)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         opt_shardings = optax.tree_utils.tree_map_params(
@@ -513,12 +510,6 @@ class Trainer:
             out["nstep_loss_sum"] = nl.sum()
             out.update(_accuracy_sums(res.logits, labels, cfg.shifted_labels, prefix="nstep_"))
         return out
-
-
-def _is_stacked(path) -> bool:
-    """Whether a pure-dict path (``flow`` / ``base`` first) is a stacked decoder-layer parameter."""
-    keys = [getattr(k, "key", None) for k in path]
-    return len(keys) > 2 and keys[0] in ("flow", "base") and keys[1] == "layers"
 
 
 def _accuracy_sums(logits, labels, shifted: bool, prefix: str) -> dict:
