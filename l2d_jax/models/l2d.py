@@ -30,9 +30,8 @@ from l2d_jax import diffusion
 from l2d_jax.kernels import cpu_decoder
 from l2d_jax.kernels.backend import XLA, Kernels
 from l2d_jax.models.block import BlockWeights, Modulation, Projection, decoder_block, project, scan_layers
-from l2d_jax.models.llm import LLM, DecoderLayer, Linear, LLMConfig, LLMOutput, stack_modules
+from l2d_jax.models.llm import LLM, DecoderLayer, Linear, LLMConfig, LLMOutput, layer_slices, stack_modules
 from l2d_jax.settings import L2DSettings
-from l2d_jax.sharding import gather_layer
 
 FLOW = nnx.PathContains("flow")  # filter: the trainable flow half of an L2DModel
 
@@ -359,13 +358,13 @@ class L2DModel(nnx.Module):
         cond = self.conditioning(t, class_labels)
         h, f = base.embed(input_ids), self.flow_input(x_t, t, kernels)
 
-        (base_def, base_stack), (flow_def, flow_stack) = nnx.split(base.layers), nnx.split(self.flow.layers)
+        base_stack, base_of = layer_slices(base.layers)
+        flow_stack, flow_of = layer_slices(self.flow.layers)
 
         def body(carry, xs):
             h, f, cache = carry
             base_state, flow_state, i = xs
-            base_layer = nnx.merge(base_def, gather_layer(base_state))  # this layer's slices of the stacks
-            flow_layer = nnx.merge(flow_def, gather_layer(flow_state))
+            base_layer, flow_layer = base_of(base_state), flow_of(flow_state)
             norms = base_layer.norms()
             mod = self.layer_modulation(flow_layer.modulation.projections(), norms, cond)
             h, kv = decoder_block(h, base_layer.weights(), mod if s.modulate_hidden_states else norms, rope, mask,
@@ -404,12 +403,12 @@ class L2DModel(nnx.Module):
         if out is not None:
             f = out[:, None]
         else:
-            (base_def, base_stack), (flow_def, flow_stack) = nnx.split(self.base.layers), nnx.split(self.flow.layers)
+            base_stack, base_of = layer_slices(self.base.layers)
+            flow_stack, flow_of = layer_slices(self.flow.layers)
 
             def body(f, xs):
                 base_state, flow_state, mod, i = xs
-                base_layer = nnx.merge(base_def, gather_layer(base_state))
-                w = nnx.merge(flow_def, gather_layer(flow_state)).weights(base_layer)
+                w = flow_of(flow_state).weights(base_of(base_state))
                 f, _ = decoder_block(f, w, Modulation(*mod), rope, mask, cfg=cfg, kv=cache, layer=i,
                                      lora_scale=self.settings.lora_scale, kernels=kernels)
                 return f, None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -217,6 +217,14 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+def layer_slices(stacked: nnx.Module) -> tuple[nnx.State, Callable[[nnx.State], nnx.Module]]:
+    """(state, layer): the state of a stacked module (``stack_modules``) for a scan to slice,
+    and the function that makes one layer's module of its slice inside the scan body (its
+    parameters all-gathered there under ``sharding.gather_layers``)."""
+    graphdef, state = nnx.split(stacked)
+    return state, lambda one: nnx.merge(graphdef, gather_layer(one))
+
+
 class DecoderLayer(nnx.Module):
     """One decoder layer's parameters; ``LLM.layers`` is one of these with every parameter
     stacked over the layers (``stack_modules``)."""
@@ -311,12 +319,12 @@ class LLM(nnx.Module):
             out = self._kernel_step(h[:, 0], rope, mask[:, 0], cache, cache_index, kernels)
             if out is not None:
                 return out
-        graphdef, stacked = nnx.split(self.layers)
+        stacked, layer_of = layer_slices(self.layers)
 
         def body(carry, xs):
             h, cache = carry
             state, i = xs
-            layer = nnx.merge(graphdef, gather_layer(state))  # this layer's slice of the stack
+            layer = layer_of(state)
             h, kv = decoder_block(h, layer.weights(), layer.norms(), rope, mask, cfg=self.cfg, kv=cache, layer=i,
                                   cache_index=cache_index, kernels=kernels)
             return (h, None if cache is None else kv), None
