@@ -202,7 +202,7 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
         "read": (jax.jit(lambda a: jnp.sum(a)), (x,), x.nbytes),
         "matvec": (jax.jit(lambda m, u: m @ u), (w, v), w.nbytes),
     }
-    if backend.resolve("auto", _F32).matvec:  # our own streaming matvec (l2d_jax/kernels) may read faster
+    if backend.host_kernels().matvec:  # our own streaming matvec (l2d_jax/kernels) may read faster
         kernels["cpu_matvec"] = (jax.jit(lambda m, u: cpu_matvec.matmul(u[None], m, kernel=True)), (w, v), w.nbytes)
     out = {"array_mb": round(x.nbytes / 2**20, 1)}
     for name, (fn, args, nbytes) in kernels.items():
@@ -212,12 +212,6 @@ def measure_bandwidth(mbytes: int | None = None, repeats: int = 7) -> dict:
     out["memory_bandwidth_gbps"] = max(out[f"{name}_gbps"] for name in kernels)
     del x, w, v
     return out
-
-
-class _F32:  # the float32 model the kernel backend is resolved for in machine_info
-    dtype = "float32"
-    qk_norm = False
-    head_dim = 64
 
 
 def layer_matvec_gbps(model, repeats: int = 7, kernels: backend.Kernels = backend.XLA) -> float:
@@ -290,7 +284,7 @@ def machine_info(bandwidth: bool = True) -> dict:
         "persistent_compilation_cache": bool(jax.config.jax_enable_compilation_cache
                                              and jax.config.jax_compilation_cache_dir),
         # the CPU kernels the "auto" backend turns on for a float32 model here (l2d_jax/kernels)
-        **{f"cpu_{k}_kernel": on for k, on in dataclasses.asdict(backend.resolve("auto", _F32)).items()},
+        **{f"cpu_{k}_kernel": on for k, on in dataclasses.asdict(backend.host_kernels()).items()},
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for XLA's buffers (cli.entry)
     }
     try:

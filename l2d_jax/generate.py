@@ -252,8 +252,13 @@ def prefill(model, ids, mask, max_new_tokens: int, num_return_sequences: int = 1
     ``max_new_tokens`` (``opts.max_new_tokens`` of the ``generate`` calls that reuse it);
     with ``num_return_sequences`` > 1 each prompt's rows are repeated (B * n rows).
     ``kernels``: the CPU kernel backend (``kernels/backend.py``)."""
-    return _prefill_jit(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                        int(max_new_tokens), int(num_return_sequences), backend.resolve(kernels, _llm_cfg(model)))
+    return _prefill_resolved(model, ids, mask, max_new_tokens, num_return_sequences,
+                             backend.resolve(kernels, _llm_cfg(model)))
+
+
+def _prefill_resolved(model, ids, mask, max_new_tokens: int, repeats: int, kernels: backend.Kernels) -> Prefilled:
+    return _prefill_jit(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), int(max_new_tokens),
+                        int(repeats), kernels)
 
 
 def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler = Sampler(0.0),
@@ -286,8 +291,9 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
     if ode_steps == 1 or ode_steps < 0 or ode_steps > opts.max_ode_points:
         raise UsageError(f"ode_steps counts ODE grid points: 0 (base model) or 2..{opts.max_ode_points} "
                          f"(raise GenerateOptions.max_ode_points), got {ode_steps}")
+    kernels = backend.resolve(opts.kernels, _llm_cfg(model))  # once per call, for both programs
     if prefilled is None:
-        prefilled = prefill(model, ids, mask, opts.max_new_tokens, n, opts.kernels)
+        prefilled = _prefill_resolved(model, ids, mask, opts.max_new_tokens, n, kernels)
     want = (b, ids.shape[1] + opts.max_new_tokens)
     if tuple(prefilled.kv_valid.shape) != want:
         raise UsageError(f"prefilled holds {tuple(prefilled.kv_valid.shape)} (rows, prompt + new slots); these "
@@ -304,7 +310,7 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
         None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
         None if init_noise is None else jnp.asarray(init_noise, jnp.float32),
         # the resolved Kernels are the program's identity, not the name asked for ("auto" = "cpu" here)
-        jnp.int32(eos_id), dataclasses.replace(opts, kernels="auto"), backend.resolve(opts.kernels, _llm_cfg(model)))
+        jnp.int32(eos_id), dataclasses.replace(opts, kernels="auto"), kernels)
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, system: str | None = None) -> list[list[int]]:

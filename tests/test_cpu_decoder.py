@@ -153,13 +153,14 @@ def test_not_used_where_it_does_not_apply():
     assert cpu_decoder.TARGET not in hlo
 
 
-def test_a_block_feature_it_lacks_refuses_the_kernel(caplog):
+def test_a_block_feature_it_lacks_refuses_the_kernel(caplog, monkeypatch):
     """qk-norm (Qwen3) is not in the kernel: the backend refuses it, with a logged reason, and
     generation runs the scanned block, equal to the xla backend."""
     from l2d_jax.generate import GenerateOptions, generate
 
     model = tiny_llm(0, model_type="qwen3", head_dim=8)
     assert model.cfg.qk_norm and cpu_decoder.unsupported(model.cfg) is not None
+    monkeypatch.setattr(backend, "_refusals_logged", set())  # logged once per process: not yet here
     with caplog.at_level("WARNING"):
         kernels = backend.resolve("auto", model.cfg)
     assert kernels == backend.Kernels(True, True, False) and "qk_norm" in caplog.text

@@ -49,10 +49,6 @@ class Kernels:
     attention: bool = False  # few-row attention over the stacked cache, in place (cpu_attention)
     decoder: bool = False  # a one-position step through the whole layer stack (cpu_decoder)
 
-    @property
-    def name(self) -> str:
-        return "cpu" if (self.matvec or self.attention or self.decoder) else "xla"
-
 
 XLA = Kernels()
 
@@ -72,6 +68,17 @@ def _cpu_problem(dtype: str) -> str | None:
     return None
 
 
+def host_kernels(dtype: str = "float32") -> Kernels:
+    """The kernels "auto" turns on here for a model computing in ``dtype``, before the
+    architecture check: XLA where they cannot run, else each unless its switch is ``0``."""
+    if _cpu_problem(dtype) is not None:
+        return XLA
+    return Kernels(**{k: os.environ.get(env, "1") != "0" for k, env in SWITCHES.items()})
+
+
+_refusals_logged: set[str] = set()
+
+
 def resolve(name: str, cfg) -> Kernels:
     """``Kernels`` for backend ``name`` and a model of ``LLMConfig`` ``cfg`` (see the module doc)."""
     if name not in BACKENDS:
@@ -79,16 +86,17 @@ def resolve(name: str, cfg) -> Kernels:
     if name == "xla":
         return XLA
     problem = _cpu_problem(cfg.dtype)
-    if problem is not None:
-        if name == "cpu":
-            raise KernelBackendError(f"kernel backend 'cpu' cannot run here: {problem}; use 'auto' or 'xla'")
-        return XLA
-    on = {k: os.environ.get(env, "1") != "0" for k, env in SWITCHES.items()}
-    if on["decoder"]:
+    if problem is not None and name == "cpu":
+        raise KernelBackendError(f"kernel backend 'cpu' cannot run here: {problem}; use 'auto' or 'xla'")
+    kernels = host_kernels(cfg.dtype)
+    if kernels.decoder:
         from l2d_jax.kernels import cpu_decoder
 
         reason = cpu_decoder.unsupported(cfg)
         if reason is not None:
-            log.warning("cpu_decoder kernel refused for this model (%s): its steps run the scanned block", reason)
-            on["decoder"] = False
-    return Kernels(**on)
+            if reason not in _refusals_logged:  # once per reason, not per generate call
+                _refusals_logged.add(reason)
+                log.warning("cpu_decoder kernel refused for this model (%s): its steps run the scanned block",
+                            reason)
+            kernels = dataclasses.replace(kernels, decoder=False)
+    return kernels
