@@ -11,8 +11,9 @@
 
 Format 2 stores the decoder layers stacked (``layers/<param>`` with a leading layer axis, as
 the model holds them); format 1 (before 2026-12-07) stored one subtree per layer
-(``layers/<i>/<param>``). Format 1 directories still load: ``restore_params`` stacks their
-layers on the host and then places them on the target (``stack_layers``).
+(``layers/<i>/<param>``). Format 1 directories still load: ``restore_params`` restores them
+onto this process's first device, stacks their layers (``stack_layers``) and then places
+them on the target.
 
 Writes go to ``CKPT_DIR.tmp-<pid>`` and are moved onto ``CKPT_DIR`` with ``os.replace`` when
 complete; on any error the temporary directory is removed, so a failed write leaves nothing.
@@ -217,8 +218,7 @@ def stack_layers(part: Mapping) -> dict:
     part = dict(part)
     layers = part.get("layers")
     if isinstance(layers, Mapping) and layers and all(isinstance(k, int) for k in layers):
-        per_layer = [layers[i] for i in range(len(layers))]
-        part["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+        part["layers"] = stacked(layers)
     return part
 
 

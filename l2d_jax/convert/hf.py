@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from l2d_jax.convert.names import hf_to_path, path_to_hf, stacked_path
+from l2d_jax.convert.names import hf_to_path, layer_paths, path_to_hf, stacked_path
 from l2d_jax.errors import L2DError
 from l2d_jax.models.llm import LLM, LLMConfig
 
@@ -258,11 +258,8 @@ def build_llm(cfg: LLMConfig, refs: Mapping[str, TensorRef], source: str = "chec
 def _layer_paths(stacked: Mapping[tuple, object]) -> Iterable[tuple[tuple, tuple]]:
     """(one-layer path, (shape, dtype)) of every tensor HF stores, from the stacked paths."""
     for path, leaf in stacked.items():
-        if path[0] == "layers":
-            for i in range(leaf.shape[0]):
-                yield ("layers", i) + path[1:], (tuple(leaf.shape[1:]), leaf.dtype)
-        else:
-            yield path, (tuple(leaf.shape), leaf.dtype)
+        for one, layer in layer_paths(path, leaf.shape[0]):
+            yield one, (tuple(leaf.shape if layer is None else leaf.shape[1:]), leaf.dtype)
 
 
 def _plan(cfg: LLMConfig, refs: Mapping[str, TensorRef], expected: dict, source: str) -> dict:
@@ -361,9 +358,8 @@ def llm_to_hf_state(model: LLM) -> dict[str, np.ndarray]:
     out = {}
     for path, value in _flatten(pure):
         arr = np.asarray(value)
-        layers = [(("layers", i) + path[1:], arr[i]) for i in range(arr.shape[0])] if path[0] == "layers" \
-            else [(path, arr)]
-        for one, a in layers:
+        for one, layer in layer_paths(path, arr.shape[0]):
+            a = arr if layer is None else arr[layer]
             name, transpose = path_to_hf(one)
             out[name] = np.ascontiguousarray(a.T) if transpose else a
     return out

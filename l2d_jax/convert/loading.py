@@ -31,8 +31,7 @@ from l2d_jax.checkpoint import MANIFEST, WORKDIR_CHECKPOINTS as CHECKPOINTS, WOR
 from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF, TINY_HF_CONFIG, ConfigError, tiny_tokenizer
 from l2d_jax.convert.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path
 from l2d_jax.convert.hf import load_hf, local_tokenizer
-from l2d_jax.convert.original import STATE_SUFFIXES, _numpy_to_torch, _require_torch, \
-    settings_from_constructor_dict
+from l2d_jax.convert.original import STATE_SUFFIXES, settings_from_constructor_dict
 from l2d_jax.convert.original_names import export_original_state
 from l2d_jax.errors import L2DError, UsageError
 from l2d_jax.models.l2d import L2DModel, abstract_l2d
@@ -271,6 +270,23 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, 
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _require_torch(path: Path) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise L2DError(f"writing {path} needs torch (pip install 'l2d-jax[torch]'); "
+                       "or write .safetensors") from None
+
+
+def _numpy_to_torch(a: np.ndarray):
+    import ml_dtypes
+    import torch
+
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 # --------------------------------------------------------------------------- training workdirs

@@ -84,6 +84,14 @@ def stacked_path(path: tuple) -> tuple[tuple, int | None]:
     return path, None
 
 
+def layer_paths(path: tuple, num_layers: int) -> list[tuple[tuple, int | None]]:
+    """Inverse of ``stacked_path`` for a base LLM's pure dict: a stacked ``("layers", ...)``
+    path -> [(one-layer path, i)] for each layer; any other path -> [(path, None)]."""
+    if path[0] != "layers":
+        return [(path, None)]
+    return [(("layers", i) + path[1:], i) for i in range(num_layers)]
+
+
 def get_param(tree, path: tuple):
     """The value at a one-layer or plain ``path`` of a pure dict with stacked layers (an
     abstract stacked leaf gives the abstract layer)."""

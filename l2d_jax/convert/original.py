@@ -425,20 +425,3 @@ def convert_l2d_torch(state_path: str | os.PathLike, base_dir: str | os.PathLike
         out_dir, base_params=nnx.to_pure_dict(nnx.state(model.base, nnx.Param)), hf_config=hf_config,
         tokenizer=tokenizer, kind="l2d", flow_params=nnx.to_pure_dict(nnx.state(model.flow, nnx.Param)),
         l2d_settings=settings.to_dict(), dtype=dtype, overwrite=overwrite)
-
-
-def _require_torch(path: Path) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise L2DError(f"writing {path} needs torch (pip install 'l2d-jax[torch]'); "
-                       "or write .safetensors") from None
-
-
-def _numpy_to_torch(a: np.ndarray):
-    import ml_dtypes
-    import torch
-
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))

@@ -10,7 +10,7 @@ of its group, and spreads those slices over XLA's intra-op pool.
 ``attend(q, k, v, layer, mask, reference)`` is the entry point; ``usable(q, k, v)`` says
 whether the kernel applies to the shapes: q (B, T, H, hd) with 1 <= T <= ``MAX_ROWS``, k / v
 (L, B, Hkv, S, hd), all float32. Whether kernels are used at all is the caller's kernel
-backend (``models/backend.py``); ``block.attend_kv`` falls back to XLA otherwise.
+backend (``kernels/backend.py``); ``block.attend_kv`` falls back to XLA otherwise.
 Gradients go through ``reference`` (XLA's attention on the layer's slice).
 """
 
