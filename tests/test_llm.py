@@ -146,3 +146,34 @@ def test_golden_base_cases(golden):
             assert rel_err(out, cases[ref_key]) <= 2e-4, ids_key
             checked += 1
     assert checked >= 1
+
+
+def test_long_prefill_attends_in_query_chunks_with_the_same_result():
+    """A prefill of more than QUERY_CHUNK positions attends in chunks of query rows (bounded
+    float32 scores); every row is the same softmax, so the result equals one pass."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2d_jax.models import block
+
+    b, hkv, g, hd = 2, 2, 2, 8
+    tq = 2 * block.QUERY_CHUNK
+    s = tq + 16
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (b, tq, hkv * g, hd))
+    k = jax.random.normal(keys[1], (1, b, hkv, s, hd))
+    v = jax.random.normal(keys[2], (1, b, hkv, s, hd))
+    causal = jnp.arange(s)[None, :] <= jnp.arange(tq)[:, None]
+    mask = jnp.broadcast_to(causal, (b, tq, s)).at[0, :, :3].set(False)  # row 0 left-padded
+    shared = block.attend_kv(q, {"k": k, "v": v}, 0, causal[None])  # one mask for every row (training)
+    assert float(jnp.max(jnp.abs(shared - block.attend(q, k[0], v[0], causal[None])))) <= 1e-6
+    chunked = block.attend_kv(q, {"k": k, "v": v}, 0, mask)
+    whole = block.attend(q, k[0], v[0], mask)
+    assert chunked.shape == whole.shape == (b, tq, hkv * g * hd)
+    assert float(jnp.max(jnp.abs(chunked - whole))) <= 1e-6
+    # and its gradient (training at 2048 tokens takes this path)
+    def loss(f):
+        return lambda q: jnp.sum(jnp.sin(f(q)))
+    g_chunked = jax.grad(loss(lambda q: block.attend_kv(q, {"k": k, "v": v}, 0, mask)))(q)
+    g_whole = jax.grad(loss(lambda q: block.attend(q, k[0], v[0], mask)))(q)
+    assert float(jnp.max(jnp.abs(g_chunked - g_whole))) <= 1e-5

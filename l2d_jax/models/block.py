@@ -132,6 +132,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, tq, h * hd)
 
 
+QUERY_CHUNK = 512  # query rows per attention pass when a prefill attends over the cache
+
+
 def attend_kv(q: jax.Array, kv: dict | tuple[jax.Array, jax.Array], layer: jax.Array | int, mask: jax.Array,
               kernel: bool = False) -> jax.Array:
     """``attend`` over one layer's keys/values: kv is either the stacked cache {"k", "v"}
@@ -145,7 +148,19 @@ def attend_kv(q: jax.Array, kv: dict | tuple[jax.Array, jax.Array], layer: jax.A
         k, v = k[layer], v[layer]
     else:
         k, v = kv
-    return attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    b, tq = q.shape[:2]
+    if tq <= QUERY_CHUNK or tq % QUERY_CHUNK:
+        return attend(q, k, v, mask)
+    # long sequences (a long prompt's prefill, training at 2048): query rows in chunks, so the
+    # float32 scores are (B, H, chunk, S) at a time instead of (B, H, Tq, S); each row's
+    # softmax is the same computation. (libtpu 0.0.42.1's compiler dies of a stack overflow on
+    # a (16, 32, 2048, 2304) score tensor per device instead of reporting its memory.)
+    n = tq // QUERY_CHUNK
+    qc = q.reshape(b, n, QUERY_CHUNK, *q.shape[2:]).swapaxes(0, 1)
+    mc = mask.reshape(mask.shape[0], n, QUERY_CHUNK, mask.shape[-1]).swapaxes(0, 1)  # batch may be 1
+    out = jax.lax.map(lambda qm: attend(qm[0], k, v, qm[1]), (qc, mc))
+    return out.swapaxes(0, 1).reshape(b, tq, -1)
 
 
 def matmuls(x: jax.Array, ws: Sequence[jax.Array], kernel: bool = False) -> list[jax.Array]:
