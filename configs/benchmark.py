@@ -49,6 +49,10 @@ def get_config(arg=None):
     # prompts: None = the tokenizer's chat template (date_string fixed to 26 Jul 2024, as the
     # original's fixed_date_llama3); "base_llama" for base (non-instruct) models
     c.chat_template = ""
+    # devices: each process's mesh over its OWN local devices (one model-parallel group per
+    # host; hosts split the prompts). fsdp / tensor > 1 shard the model's parameters (a model
+    # larger than one device); -1 fills the remaining devices. Flag: --mesh tensor=4
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # model loading
     c.dtype = "bfloat16"
     c.param_dtype = "bfloat16"

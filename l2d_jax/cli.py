@@ -341,6 +341,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N examples per task")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call")
+    _mesh_option(p, "the config's mesh")
     p.add_argument("--unsafe-no-sandbox", action="store_true",
                    help="code tasks: run generated code WITHOUT the sandbox")
     p.add_argument("--rescore", action="store_true",
@@ -369,7 +370,7 @@ def _run_eval(args) -> int:
         res = runner.run_from_config(cfg, args.ckpt, steps=args.steps, out_dir=args.out, limit=args.limit,
                                      tasks=args.tasks, batch_size=args.batch_size,
                                      allow_unsandboxed=True if args.unsafe_no_sandbox else None,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, mesh=args.mesh)
         if not distributed.is_main_process():
             return 0
     print(runner.results_markdown(res))
@@ -408,6 +409,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--class-label", type=int, default=None, help="guidance class of every prompt")
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
+    _mesh_option(p, "data=-1: every local device data-parallel, the model replicated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--system", default=None, help="a system message for the chat template")
@@ -434,7 +436,8 @@ def _run_generate(args) -> int:
                            top_k=args.top_k, top_p=args.top_p, ode_temperature=args.ode_temperature,
                            x1_estimation=args.x1, guidance=args.guidance, class_label=args.class_label,
                            num_return_sequences=args.num_return_sequences, batch_size=args.batch_size,
-                           seed=args.seed, dtype=args.dtype, system=args.system, chat=not args.no_chat)
+                           seed=args.seed, dtype=args.dtype, system=args.system, chat=not args.no_chat,
+                           mesh=args.mesh)
     if not distributed.is_main_process():
         return 0
     if args.jsonl:

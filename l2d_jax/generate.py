@@ -8,7 +8,12 @@ cached main keys/values and the cached h_L, the final flow logits at t_final, a 
 token, then the main path of that token (its K/V and h_L into the cache). ``ode_steps = 0``
 is the base model alone. ``ode_steps`` (grid points), temperatures and the guidance weight
 are run-time values: a sweep over them reuses one compiled program per
-(batch, prompt bucket, max_new_tokens, solver method, sampler top_k).
+(batch, prompt bucket, max_new_tokens, solver method, sampler top_k, mesh layout).
+
+A model larger than one device: ``sharding.inference_mesh`` places its parameters on a
+(data, fsdp, tensor) mesh by the logical-axis rules; ``generate`` / ``prefill`` called inside
+``sharding.gather_layers(mesh)`` then gather one stacked layer at a time (``generate_text``
+does both).
 
 PRNG: every random draw of row r at absolute position p uses a key derived from
 (key, sample index of r, p), so a prompt gives the same tokens alone or in a padded batch.
@@ -18,13 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+import inspect
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from l2d_jax import nstep as nstep_lib
+from l2d_jax import sharding as shd
 from l2d_jax import solvers
 from l2d_jax.kernels import backend
 from l2d_jax.models.llm import LLM, init_cache, positions_from_mask
@@ -227,11 +234,37 @@ def _decode(model, pre: Prefilled, sample_ids, key, ode_steps, sampler, ode_temp
     return GenerateOutput(out.tokens, lengths, nfe, out.logits)
 
 
+class _LayoutKeyedJit:
+    """``jax.jit(fn)`` whose programs are traced under the ``sharding.gather_layers`` around
+    the call (or ``lower``) and keyed on it: its layout ``layer_gather_layout()`` goes in as
+    an extra static argument, so the same shapes traced with and without the context, or
+    under another mesh, are distinct programs (no stale cache hit)."""
+
+    def __init__(self, fn, static_argnames: tuple[str, ...]):
+        def traced(*args, layout: tuple | None, **kwargs):
+            with shd.gather_layers(*(layout or (None,))):
+                return fn(*args, **kwargs)
+
+        sig = inspect.signature(fn)  # fn's parameters, so static arguments may be positional
+        traced.__signature__ = sig.replace(parameters=[
+            *sig.parameters.values(), inspect.Parameter("layout", inspect.Parameter.KEYWORD_ONLY)])
+        self._jit = jax.jit(traced, static_argnames=(*static_argnames, "layout"))
+
+    def __call__(self, *args, **kwargs):
+        return self._jit(*args, layout=shd.layer_gather_layout(), **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jit.lower(*args, layout=shd.layer_gather_layout(), **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._jit._cache_size()
+
+
 # The model goes in as a pytree (an NNX module is one): flattening it costs ~9 ms per call on
 # SmolLM2-135M where nnx.split + a static graphdef cost ~85 ms, i.e. ~2.5 ms per token of a
 # 32-token batch-1 call.
-_prefill_jit = jax.jit(_prefill, static_argnames=("n_new", "repeats", "kernels"))
-_decode_jit = jax.jit(_decode, static_argnames=("opts", "kernels"))
+_prefill_jit = _LayoutKeyedJit(_prefill, static_argnames=("n_new", "repeats", "kernels"))
+_decode_jit = _LayoutKeyedJit(_decode, static_argnames=("opts", "kernels"))
 
 
 def _llm_cfg(model):
@@ -251,7 +284,8 @@ def prefill(model, ids, mask, max_new_tokens: int, num_return_sequences: int = 1
     """The main path of left-padded prompts ids/mask (B, P) into a cache with room for
     ``max_new_tokens`` (``opts.max_new_tokens`` of the ``generate`` calls that reuse it);
     with ``num_return_sequences`` > 1 each prompt's rows are repeated (B * n rows).
-    ``kernels``: the CPU kernel backend (``kernels/backend.py``)."""
+    ``kernels``: the CPU kernel backend (``kernels/backend.py``). Traced under the enclosing
+    ``sharding.gather_layers`` (as ``generate``)."""
     return _prefill_resolved(model, ids, mask, max_new_tokens, num_return_sequences,
                              backend.resolve(kernels, _llm_cfg(model)))
 
@@ -278,6 +312,10 @@ def generate(model, ids, mask, *, key=None, ode_steps: int = 0, sampler: Sampler
     sample index folded into the PRNG); prefilled: ``prefill(model, ids, mask,
     opts.max_new_tokens, num_return_sequences)`` of these prompts, to share one prefill
     between several calls (otherwise computed here).
+
+    A model placed on a mesh (``sharding.inference_mesh``): call inside
+    ``sharding.gather_layers(mesh, rules)`` to gather the stacked layers' parameters one layer
+    at a time (FSDP); the layout is part of the compiled programs' identity.
     """
     ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
     n = int(num_return_sequences)
@@ -327,19 +365,24 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, system: str
 
 
 def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, system: str | None = None,
-                  batch_size: int = 8, **kwargs) -> list[dict]:
+                  batch_size: int = 8, class_label: int | None = None, mesh: Mapping[str, int] | None = None,
+                  **kwargs) -> list[dict]:
     """Generates completions for text prompts in batches of min(batch_size, number of
-    prompts) rows, all left-padded to the bucket length of the longest prompt (a batch short
-    of prompts is filled with copies of its first prompt, so every batch has the same shape).
+    prompts) rows (rounded up to a multiple of the mesh's data x fsdp), all left-padded to
+    the bucket length of the longest prompt (a batch short of prompts is filled with copies
+    of its first prompt, so every batch has the same shape).
 
     Returns one record per prompt and return sequence: prompt, completion, new_tokens,
-    nfe_per_token, seconds (wall time of its batch, shared by its rows). kwargs go to
-    ``generate`` (ode_steps, sampler, opts, key, num_return_sequences, ...).
+    nfe_per_token, seconds (wall time of its batch, shared by its rows). class_label: the
+    guidance class of every prompt. mesh: {data, fsdp, tensor} sizes of this process's mesh
+    (``sharding.local_mesh``; default: every local device data-parallel, the model
+    replicated); fsdp / tensor > 1 shard the model's parameters (placed in place).
+    kwargs go to ``generate`` (ode_steps, sampler, opts, key, num_return_sequences, ...).
 
     Several processes (``jax.process_count() > 1``): collective; each process generates its
-    contiguous share of the prompts (``l2d_jax.distributed.process_shard``) on its own
-    devices, and every process returns all records in prompt order (``gather_objects``).
-    The batch shape does not depend on the process count, nor do the rows' keys.
+    contiguous share of the prompts (``l2d_jax.distributed.process_shard``) on its own mesh,
+    and every process returns all records in prompt order (``gather_objects``). A row's
+    tokens depend neither on the process count nor on the batch shape.
     """
     import time
 
@@ -351,15 +394,22 @@ def generate_text(model, tokenizer, prompts: list[str], *, chat: bool = True, sy
     n_ret = kwargs.get("num_return_sequences", 1)
     encoded = encode_prompts(tokenizer, prompts, chat=chat, system=system)
     length = bucket_length(max(len(e) for e in encoded))
-    rows = min(batch_size, len(encoded))
+    placed = shd.inference_mesh(model, mesh)
+    dp = 1 if placed is None else shd.data_parallel_size(placed)
+    rows = -(-min(batch_size, len(encoded)) // dp) * dp
+    if class_label is not None:
+        kwargs["class_labels"] = np.full((rows,), class_label, np.int32)
     mine = process_shard(len(encoded))
     records = []
-    for start in range(mine.start, mine.stop, batch_size):
-        chunk = encoded[start:min(start + batch_size, mine.stop)]
+    for start in range(mine.start, mine.stop, rows):
+        chunk = encoded[start:min(start + rows, mine.stop)]
         real = len(chunk)
         ids, mask = left_pad(chunk + [chunk[0]] * (rows - real), pad, length)
+        if placed is not None:
+            ids, mask = (jax.device_put(a, shd.batch_sharding(placed)) for a in (ids, mask))
         t0 = time.perf_counter()
-        out = generate(model, ids, mask, **kwargs)
+        with shd.gather_layers(placed):
+            out = generate(model, ids, mask, **kwargs)
         tokens = np.asarray(out.tokens)
         lengths, nfe = np.asarray(out.lengths), np.asarray(out.nfe)
         seconds = time.perf_counter() - t0
@@ -376,15 +426,21 @@ def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = Non
                  ode_temperature: str | float | None = None, x1_estimation: str | None = None,
                  guidance: float | None = None, class_label: int | None = None,
                  num_return_sequences: int = 1, batch_size: int = 8, seed: int = 0,
-                 dtype: str = "float32", system: str | None = None, chat: bool = True) -> list[dict]:
+                 dtype: str = "float32", system: str | None = None, chat: bool = True,
+                 mesh: str | Mapping[str, int] | None = None) -> list[dict]:
     """What ``l2d-jax generate`` does: load any model source, then ``generate_text`` (with
     several processes: every process loads the model, generates its share of the prompts and
-    returns all records)."""
+    returns all records). mesh: ``"data=N,fsdp=N,tensor=N"`` (any subset) or a dict, this
+    process's mesh over its local devices (``generate_text``)."""
     from l2d_jax.convert.loading import load_any
     from l2d_jax.errors import L2DError
+    from l2d_jax.plan import parse_mesh
 
     if not prompts:
         raise L2DError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if isinstance(mesh, str):
+        mesh = parse_mesh(mesh)
+    shd.local_mesh(mesh)  # a wrong mesh fails before the weights load
     model, tokenizer, _ = load_any(model_path, dtype=dtype)
     is_l2d = not isinstance(model, LLM)
     steps = (8 if is_l2d else 0) if steps is None else steps
@@ -401,8 +457,8 @@ def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = Non
                 ode_kw["temperature"] = ode_temperature  # a schedule string: static
     ode = nstep_lib.ODEOptions.from_settings(model.settings, **ode_kw) if is_l2d else nstep_lib.ODEOptions()
     opts = GenerateOptions(max_new_tokens=max_new_tokens, ode=ode, max_ode_points=max(64, steps))
-    labels = None if class_label is None else [class_label] * min(batch_size, len(prompts))
     return generate_text(model, tokenizer, prompts, chat=chat, system=system, batch_size=batch_size,
-                         ode_steps=steps, sampler=Sampler(temperature, top_p, top_k),
-                         ode_temperature=temperature_override, guidance=guidance, class_labels=labels,
+                         class_label=class_label, mesh=mesh, ode_steps=steps,
+                         sampler=Sampler(temperature, top_p, top_k), ode_temperature=temperature_override,
+                         guidance=guidance,
                          num_return_sequences=num_return_sequences, key=jax.random.PRNGKey(seed), opts=opts)

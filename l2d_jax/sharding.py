@@ -5,6 +5,10 @@ sharded), ``tensor`` (tensor parallelism over heads / MLP / vocab). Every parame
 logical axis names in its ``axes`` metadata (see ``l2d_jax.models.llm``); ``RULES`` maps
 each logical name to a mesh axis (or None = replicated). Rules are plain data, so a config
 can override them.
+
+Inference (``l2d-jax eval`` / ``generate``): ``inference_mesh`` builds each process's mesh
+over ITS OWN local devices (``local_mesh``: one model-parallel group per host) and places the
+model on it (``place_module``); hosts split the prompts between them.
 """
 
 from __future__ import annotations
@@ -55,6 +59,58 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
         raise UsageError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
                          f"devices, but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+INFERENCE_MESH = {"data": -1, "fsdp": 1, "tensor": 1}  # every local device data-parallel
+
+
+def local_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over THIS process's devices (default ``jax.local_devices()``):
+    ``sizes`` overrides ``INFERENCE_MESH`` per axis, one size may be -1 (the remaining devices).
+    UsageError, naming the fix, when the sizes cannot tile exactly these devices."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    unknown = sorted(set(sizes or {}) - set(MESH_AXES))
+    if unknown:
+        raise UsageError(f"mesh axes {unknown}: the axes are {', '.join(MESH_AXES)}")
+    full = {**INFERENCE_MESH, **{k: int(v) for k, v in (sizes or {}).items()}}
+    text = ",".join(f"{k}={v}" for k, v in full.items())
+    n, fixed = len(devices), int(np.prod([v for v in full.values() if v != -1]))
+    fills = list(full.values()).count(-1)
+    valid = fills <= 1 and all(v >= 1 or v == -1 for v in full.values())
+    if not valid or (n % fixed if fills else fixed != n):
+        tensor = full["tensor"] if full["tensor"] > 0 and n % full["tensor"] == 0 else 1
+        raise UsageError(f"mesh {text} cannot tile the {n} local devices of this process (each process "
+                         f"builds its own mesh over its local devices; processes split the prompts): use "
+                         f"sizes >= 1 whose product is {n}, or one -1 for the rest, e.g. --mesh "
+                         f"data=-1,fsdp=1,tensor={tensor}")
+    return make_mesh(full["data"], full["fsdp"], full["tensor"], devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split on ``mesh``: data x fsdp."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def place_module(module: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
+    """Moves every Variable of ``module`` (in place; returned) onto ``mesh`` as its logical
+    ``axes`` and ``rules`` say (``state_shardings``): sharded over fsdp / tensor where the
+    rules map its dimensions there, replicated elsewhere. A stacked decoder parameter
+    (L, ...) keeps its ``layers`` axis whole."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return module
+
+
+def inference_mesh(model: nnx.Module, sizes: Mapping[str, int] | None = None, rules=RULES) -> Mesh | None:
+    """THIS process's mesh for generation (``local_mesh(sizes)``) with ``model`` placed on it
+    (``place_module``), or None (nothing moved) when it is a single device. Trace generation
+    under ``gather_layers(mesh, rules)``; put batches (B, ...) with ``batch_sharding``, B a
+    multiple of ``data_parallel_size(mesh)``."""
+    mesh = local_mesh(sizes)
+    if mesh.size == 1:
+        return None
+    place_module(model, mesh, rules)
+    return mesh
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES, mesh: Mesh | None = None,
@@ -125,24 +181,31 @@ def _stacked(axes) -> bool:
 
 
 @contextlib.contextmanager
-def gather_layers(mesh: Mesh, rules=RULES):
+def gather_layers(mesh: Mesh | None, rules=RULES):
     """While a program is traced inside, ``gather_layer`` all-gathers one layer's parameters
     over data / fsdp inside the scan over layers (FSDP one layer at a time: the stacked
     parameters stay sharded, and only the layer being computed, or recomputed in the
-    backward pass, is whole on a device). Outside, ``gather_layer`` does nothing."""
+    backward pass, is whole on a device). Outside, or with ``mesh`` None, ``gather_layer``
+    does nothing. A jitted function must make ``layer_gather_layout()`` part of its cache
+    key (a static argument), since the context changes what is traced."""
     before = getattr(_layer_gather, "value", None)
-    _layer_gather.value = (mesh, rules)
+    _layer_gather.value = None if mesh is None else (mesh, rules)
     try:
         yield
     finally:
         _layer_gather.value = before
 
 
+def layer_gather_layout() -> tuple[Mesh, tuple] | None:
+    """(mesh, rules) of the innermost ``gather_layers`` around this call, or None."""
+    return getattr(_layer_gather, "value", None)
+
+
 def gather_layer(state):
     """One layer's slice of a stacked module's state (inside the scan body) constrained to
     its compute sharding: its logical axes without the leading ``layers``, mapped by the
     rules, without the data / fsdp axes. The identity outside ``gather_layers``."""
-    layout = getattr(_layer_gather, "value", None)
+    layout = layer_gather_layout()
     if layout is None:
         return state
     mesh, rules = layout

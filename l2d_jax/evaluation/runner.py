@@ -40,10 +40,17 @@ Randomness: the key of a task is ``task_key(seed, task)``; row r of example i us
 index ``i * num_samples + j``, so a completion depends on (seed, task, example, sample,
 step) only, not on the batch it ran in; hence resuming and re-batching give the same text.
 
+Devices: each process builds ONE mesh over its own local devices (``mesh``: data x fsdp x
+tensor sizes; default every device data-parallel, the model replicated; fsdp / tensor > 1
+shard the model's parameters by the logical-axis rules, for a model larger than one device),
+so a model-parallel group never spans hosts (its collectives stay on a host's links; a model
+larger than one host's devices is not supported); batch rows go over (data, fsdp)
+(``_prepare_mesh``).
+
 Several processes (``jax.process_count() > 1``, after ``l2d_jax.distributed.initialize``;
-every process runs the same ``evaluate`` call): each process uses only its own devices
-(``_prepare_mesh``) and, for each task, generates and scores its contiguous share
-(``process_shard``) of the prompts still pending at some step; the rows are exchanged after every batch
+every process runs the same ``evaluate`` call): data parallelism between hosts: for each
+task, each process generates and scores its contiguous share (``process_shard``) of the
+prompts still pending at some step; the rows are exchanged after every batch
 (``gather_objects``) and only process 0 writes files. Process 0 alone reads ``out_dir``
 (the run-file check, the rows already done) and shares what it found (``on_main``), so
 every process agrees on the pending prompts and ``out_dir`` need only be on process 0's
@@ -63,12 +70,12 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from l2d_jax.convert import loading
-from l2d_jax.errors import L2DError
+from l2d_jax.errors import L2DError, UsageError
 
 BASE = "base"
 SHARED_CATEGORIES = ("math", "coding", "general_qa", "other")
@@ -323,8 +330,7 @@ class _Gen:
     pad_id: int
     eos_id: int
     stop_ids: tuple[int, ...]
-    mesh: Any
-    n_devices: int
+    mesh: Any  # this process's mesh (None: one device); generation is traced under gather_layers(mesh)
     guided: bool
     num_classes: int
     guidance_categories: tuple[str, ...] | None
@@ -374,12 +380,14 @@ def _generate_batch(g: _Gen, chunk: list[Prompt], real: int, ids, mask, labels, 
                     guidance: float | None, opts, key, num_samples: int) -> list[tuple]:
     """(prompt, sample, completion, nfe, new_tokens) for the real prompts of one batch."""
     from l2d_jax.generate import generate
+    from l2d_jax.sharding import gather_layers
 
     sample_ids = np.asarray([p.index * num_samples + j for p in chunk for j in range(num_samples)], np.int32)
-    out = generate(g.model, ids, mask, key=key, ode_steps=ode_steps, sampler=g.sampler,
-                   ode_temperature=g.ode_temperature, guidance=guidance, class_labels=labels,
-                   eos_id=g.eos_id, sample_ids=sample_ids, num_return_sequences=num_samples, opts=opts,
-                   prefilled=prefilled)
+    with gather_layers(g.mesh):
+        out = generate(g.model, ids, mask, key=key, ode_steps=ode_steps, sampler=g.sampler,
+                       ode_temperature=g.ode_temperature, guidance=guidance, class_labels=labels,
+                       eos_id=g.eos_id, sample_ids=sample_ids, num_return_sequences=num_samples, opts=opts,
+                       prefilled=prefilled)
     tokens, lengths, nfe = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.nfe)
     results = []
     for i in range(real):
@@ -442,30 +450,23 @@ def default_ode(model, **overrides):
     return ODEOptions(**kw)
 
 
-def _prepare_mesh(model, data_parallel: bool):
-    """(mesh or None, device count): with several devices of THIS process, a data-only mesh
-    over them and the model's parameters replicated over it (unless they are already spread
-    over several devices). With several processes each has its own mesh: they generate
-    different prompts, and nothing crosses hosts but the finished rows."""
-    import jax
+def _prepare_mesh(model, data_parallel: bool, mesh_sizes: Mapping[str, int] | None = None):
+    """(mesh or None, data-parallel size data x fsdp): THIS process's mesh over its own local
+    devices (``sharding.local_mesh(mesh_sizes)``; default data=-1: every device
+    data-parallel) with the model's parameters placed on it by the logical-axis rules:
+    replicated on a data-only mesh, sharded over fsdp / tensor otherwise (one model-parallel
+    group per host). With several processes each has its own mesh: they generate different
+    prompts, and nothing crosses hosts but the finished rows. None (nothing moved) for a
+    single device, or without ``data_parallel`` (then fsdp and tensor must be 1)."""
+    from l2d_jax import sharding as shd
 
-    devices = jax.local_devices()
-    n = len(devices)
-    if not data_parallel or n <= 1:
+    if not data_parallel:
+        if any((mesh_sizes or {}).get(axis, 1) != 1 for axis in ("fsdp", "tensor")):
+            raise UsageError(f"mesh {dict(mesh_sizes)} shards the model, but data_parallel=False runs it on one "
+                             "device: pass data_parallel=True")
         return None, 1
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from l2d_jax.sharding import make_mesh
-
-    mesh = make_mesh(data=-1, devices=devices)
-    state = nnx.state(model)
-    leaves = jax.tree.leaves(state)
-    spread = any(len(getattr(x, "sharding", None).device_set) > 1 for x in leaves
-                 if hasattr(x, "sharding"))
-    if not spread:
-        nnx.update(model, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
-    return mesh, n
+    mesh = shd.inference_mesh(model, mesh_sizes)
+    return mesh, 1 if mesh is None else shd.data_parallel_size(mesh)
 
 
 def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, out_dir,
@@ -478,7 +479,7 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
              max_ode_points: int | None = None, chat_template: str | None = None,
              chat_template_kwargs: dict | None = None, task_options: dict | None = None,
              stop_ids: Sequence[int] = (), data_parallel: bool = True,
-             allow_unsandboxed: bool = False, progress: bool = True,
+             mesh: Mapping[str, int] | None = None, allow_unsandboxed: bool = False, progress: bool = True,
              run_info: dict | None = None, plot: bool = True) -> dict:
     """Evaluates ``model`` on ``tasks`` at each of ``steps``; returns the results dict (see
     the module docstring) and writes it under ``out_dir``.
@@ -486,7 +487,9 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
     model: an ``L2DModel`` or a base ``LLM`` (then only the step "base"/0 is allowed).
     tasks: names (``get_task(name, limit=limit, **task_options[name])``) or Task objects.
     steps: "base"/0 and/or grid-point counts >= 2. batch_size: prompts per generate call
-    of a process (rounded up to a multiple of its device count; rows = prompts x samples). ode: an
+    of a process (rounded up to a multiple of its mesh's data x fsdp; rows = prompts x
+    samples). mesh: {data, fsdp, tensor} sizes of each process's mesh over its local devices
+    (``_prepare_mesh``; the model is placed on it in place). ode: an
     ``ODEOptions`` (default :func:`default_ode`: midpoint, sampled x1 at temperature 0);
     code tasks use ``code_ode_temperature`` instead (the original: ``polynomial_1_1.0``).
     sampler: next-token ``Sampler`` (default temperature 1.0, no top-k / top-p).
@@ -554,15 +557,15 @@ def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, ou
     }
     distributed.on_main(lambda: _check_run_file(out, config))
 
-    mesh, n_dev = _prepare_mesh(model, data_parallel)
-    bs = -(-max(1, int(batch_size)) // n_dev) * n_dev
+    placed, dp = _prepare_mesh(model, data_parallel, mesh)
+    bs = -(-max(1, int(batch_size)) // dp) * dp
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     guided = kind == "l2d" and bool(model.settings.use_guidance)
     gen = _Gen(model=model, tokenizer=tokenizer, sampler=sampler, ode_temperature=ode_temperature,
                batch_size=bs, pad_id=int(pad), eos_id=-1 if eos is None else int(eos),
                stop_ids=tuple(int(s) for s in stop_ids) + (() if eos is None else (int(eos),)),
-               mesh=mesh, n_devices=n_dev, guided=guided,
+               mesh=placed, guided=guided,
                num_classes=int(model.settings.guidance_modulation_num_classes or 0) if guided else 0,
                guidance_categories=tuple(guidance_categories) if guidance_categories else None)
 
@@ -610,6 +613,7 @@ def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[P
     process 0 writes."""
     from l2d_jax import distributed
     from l2d_jax.generate import prefill
+    from l2d_jax.sharding import gather_layers
 
     main = distributed.is_main_process()
     paths = {label: completions_path(out, task.name, label) for label, _, _ in runs}
@@ -652,7 +656,8 @@ def _run_task(gen: _Gen, task, runs: list[tuple[str, int, Any]], prompts: list[P
 
             mine = [prompts[union[i]] for i in distributed.process_shard(len(union))]
             for chunk, real, ids, mask in _batches(gen, mine):
-                pre = prefill(gen.model, ids, mask, opts.max_new_tokens, n_samples, opts.kernels)
+                with gather_layers(gen.mesh):
+                    pre = prefill(gen.model, ids, mask, opts.max_new_tokens, n_samples, opts.kernels)
                 labels = _class_labels(gen, task, chunk)
                 new_rows = []
                 for label, ode_steps, weight in runs:
@@ -998,19 +1003,23 @@ def load_eval_config(path, overrides: Iterable[str] = ()):
 
 def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tasks=None,
                     batch_size=None, allow_unsandboxed=None, progress: bool = True, model=None,
-                    tokenizer=None) -> dict:
+                    tokenizer=None, mesh: str | None = None) -> dict:
     """What ``l2d-jax eval`` does: load ``ckpt``, build the tasks and settings from ``cfg``
     (``configs/benchmark.py`` keys), run :func:`evaluate`. Arguments given here override the
-    config's. A base model with steps other than 0 is rejected before anything is loaded
-    when the checkpoint kind can be told from its files. Several processes: each loads the
-    model onto its own devices and calls :func:`evaluate` (collective)."""
-    from l2d_jax.sampling import Sampler
+    config's (``mesh``: ``"data=N,fsdp=N,tensor=N"``, any subset, over the config's ``mesh``
+    dict). A base model with steps other than 0 is rejected before anything is loaded when
+    the checkpoint kind can be told from its files. Several processes: each loads the model
+    onto its own devices and calls :func:`evaluate` (collective)."""
+    from l2d_jax.plan import parse_mesh
+    from l2d_jax.sharding import local_mesh
 
     steps = parse_steps(steps if steps is not None else cfg.get("steps", "0,8"))
     task_names = [t for t in str(tasks if tasks is not None else cfg.get("tasks", "")).replace(" ", "").split(",") if t]
     if limit is None:
         limit = cfg.get("limit", -1)
     limit = None if limit is None or int(limit) < 0 else int(limit)
+    mesh_sizes = {**dict(cfg.get("mesh") or {}), **parse_mesh(mesh)}
+    local_mesh(mesh_sizes)  # a wrong mesh fails before the weights load
     if model is None:
         _reject_base_early(ckpt, steps)
         model, tokenizer, desc = loading.load_any(ckpt, dtype=cfg.get("dtype", "float32"),
@@ -1019,13 +1028,7 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
     else:
         desc = {"ckpt": str(ckpt)}
     out = out_dir or cfg.get("out_dir") or str(Path("eval_results") / (Path(str(ckpt)).name or "model"))
-    x1_temp = cfg.get("nstep_temperature_schedule", 0.0)
-    ode = default_ode(model, method=cfg.get("ode_solver", "midpoint"),
-                      x1_estimation=cfg.get("nstep_x1_estimation", "sample"),
-                      temperature=_temp(x1_temp), atol=float(cfg.get("ode_solver_atol", 1e-5)),
-                      rtol=float(cfg.get("ode_solver_rtol", 1e-5)),
-                      per_sequence=bool(cfg.get("ode_per_sequence", True)),
-                      max_steps=int(cfg.get("ode_max_steps", 1000)))
+    ode, sampler = eval_ode_and_sampler(model, cfg)
     g = cfg.get("nstep_guidance_parameter", -1.0)
     guidance = None if g is None or (isinstance(g, (int, float)) and g < 0) else g
     options = {k: dict(v) for k, v in (cfg.get("task_options") or {}).items()}
@@ -1033,16 +1036,31 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
         model, tokenizer, task_names, steps, out_dir=out,
         batch_size=int(batch_size or cfg.get("micro_batch_size", 16)), ode=ode,
         code_ode_temperature=_temp(cfg.get("code_nstep_temperature_schedule", "polynomial_1_1.0")),
-        sampler=Sampler(float(cfg.get("generation_temperature", 1.0)), float(cfg.get("generation_top_p", 1.0)),
-                        int(cfg.get("generation_top_k", 0))),
+        sampler=sampler,
         guidance=guidance, guidance_categories=tuple(cfg.get("guidance_categories") or ()) or None,
         key=int(cfg.get("seed", 0)), limit=limit, max_new_tokens=int(cfg.get("generation_max_len", 256)),
         num_samples=int(cfg.get("generation_num_return_sequences", 1)),
         max_seq_len=int(cfg.get("max_seq_len", 2048)) or None,
-        chat_template=cfg.get("chat_template") or None, task_options=options,
+        chat_template=cfg.get("chat_template") or None, task_options=options, mesh=mesh_sizes,
         allow_unsandboxed=bool(cfg.get("allow_unsandboxed", False) if allow_unsandboxed is None
                                else allow_unsandboxed),
         progress=progress, run_info={"model": str(ckpt), **desc})
+
+
+def eval_ode_and_sampler(model, cfg):
+    """(ODEOptions, Sampler) of an evaluation config (``configs/benchmark.py`` keys) for
+    ``model`` (an L2DModel or LLM, abstract or not: only its settings are read)."""
+    from l2d_jax.sampling import Sampler
+
+    ode = default_ode(model, method=cfg.get("ode_solver", "midpoint"),
+                      x1_estimation=cfg.get("nstep_x1_estimation", "sample"),
+                      temperature=_temp(cfg.get("nstep_temperature_schedule", 0.0)),
+                      atol=float(cfg.get("ode_solver_atol", 1e-5)), rtol=float(cfg.get("ode_solver_rtol", 1e-5)),
+                      per_sequence=bool(cfg.get("ode_per_sequence", True)),
+                      max_steps=int(cfg.get("ode_max_steps", 1000)))
+    sampler = Sampler(float(cfg.get("generation_temperature", 1.0)), float(cfg.get("generation_top_p", 1.0)),
+                      int(cfg.get("generation_top_k", 0)))
+    return ode, sampler
 
 
 def _temp(v):

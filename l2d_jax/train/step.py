@@ -128,14 +128,10 @@ def remat_policy(cfg: Mapping) -> str:
     return policy
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
 def accumulation_steps(step_cfg: StepConfig, mesh: Mesh) -> tuple[int, int]:
     """(A, M): accumulation steps per optimizer step and rows per micro-step. Raises
     BatchSizeError naming the numbers when they do not divide."""
-    dp = data_parallel_size(mesh)
+    dp = shd.data_parallel_size(mesh)
     m = step_cfg.micro_batch_size * dp
     n = step_cfg.n_samples_before_backprop
     if n % m:
@@ -375,7 +371,7 @@ class Trainer:
         want = self.step_cfg.n_samples_before_backprop if accumulated else self.micro_rows
         if accumulated and rows != want:
             raise BatchSizeError(f"a step batch has {rows} rows, n_samples_before_backprop is {want}")
-        dp = data_parallel_size(self.mesh)
+        dp = shd.data_parallel_size(self.mesh)
         if not accumulated and rows % dp:
             raise BatchSizeError(f"an eval batch has {rows} rows, not a multiple of the data-parallel "
                                  f"devices (mesh data x fsdp = {dp})")
