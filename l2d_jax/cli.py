@@ -265,7 +265,7 @@ def _add_plan(subparsers) -> None:
                     "gradients, activations with and without remat, the generation KV cache (see "
                     "l2d_jax/plan.py for what each figure counts). Overrides: --config.KEY=VALUE.")
     p.__class__ = _OverridesParser
-    p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="a configs/*.py file")
+    p.add_argument("--config", default=None, metavar="FILE[:ARG]", help="a configs/*.py file")
     p.add_argument("--mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
                    help="mesh axis sizes (any subset; the rest from the config; one may be -1)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
@@ -282,19 +282,53 @@ def _add_plan(subparsers) -> None:
                    help="also compile the real train step on the local devices and report XLA's memory "
                         "analysis (the mesh must use all local devices)")
     p.add_argument("--aot-topology", default=None, metavar="GEN:SHAPE",
-                   help="also compile ahead of time for a TPU topology, e.g. v5e:2x2 (needs libtpu: "
-                        "pip install 'jax[tpu]')")
+                   help="also compile the train step and the generation programs ahead of time for a TPU "
+                        "topology (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...): fits, peak HBM, compile time, "
+                        "roofline step time, and a verified change for what does not fit (needs libtpu: "
+                        "pip install -e '.[tpu]')")
+    p.add_argument("--programs", default="train,generate", help="with --aot-topology: which programs")
+    p.add_argument("--hbm-gib", type=float, default=None,
+                   help="with --aot-topology: plan against this much HBM per device (headroom), when less "
+                        "than the chip has")
+    p.add_argument("--bench-config", default=None, metavar="FILE",
+                   help="evaluation config for the generation programs (default configs/benchmark.py)")
+    p.add_argument("--gen-mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
+                   help="with --aot-topology: the evaluation mesh (default: the evaluation config's)")
+    p.add_argument("--gen-prompt-len", type=int, default=None, help="prompt bucket of the generation programs")
+    p.add_argument("--gen-new-tokens", type=int, default=None, help="new tokens of the generation programs")
+    p.add_argument("--gen-steps", type=int, default=None, help="ODE grid points for the generation roofline")
+    p.add_argument("--no-suggest", action="store_true", help="do not search for a change that fits")
+    p.add_argument("--require-fit", action="store_true",
+                   help="exit 3 when a compiled program does not fit (for launch scripts)")
+    p.add_argument("--sweep", default=None, metavar="DIR",
+                   help="compile every released config (configs/*_lad*.py) on --slices into DIR (one JSON "
+                        "each, resumable) and write DIR/README.md, the table")
+    from l2d_jax.plan_tpu import SLICES
+
+    p.add_argument("--slices", default=",".join(SLICES),
+                   help="with --sweep: comma-separated TPU topologies")
     p.set_defaults(func=_run_plan, overrides=[])
 
 
 def _run_plan(args) -> int:
-    from l2d_jax import config as config_lib, plan as plan_lib
+    from pathlib import Path
 
-    devices = plan_lib.tpu_topology_devices(args.aot_topology) if args.aot_topology else None
+    from l2d_jax import aot, config as config_lib, plan as plan_lib, plan_tpu
+
+    repo = Path(__file__).resolve().parents[1]
+    if args.sweep:
+        table = plan_tpu.sweep(plan_tpu.released_configs(repo), [s for s in args.slices.split(",") if s],
+                               Path(args.sweep))
+        print(plan_tpu.markdown_table(table["rows"], table["meta"]))
+        return 0
+    if not args.config:
+        raise plan_lib.PlanError("plan needs --config FILE (or --sweep DIR)")
+    topo = (aot.topology(args.aot_topology, None if args.hbm_gib is None else int(args.hbm_gib * 2**30))
+            if args.aot_topology else None)
     cfg = config_lib.load_config(args.config, args.overrides, validate=False)
     mesh = dict(cfg.mesh)
     mesh.update(plan_lib.parse_mesh(args.mesh))
-    n = args.devices or (len(devices) if devices is not None else None)
+    n = args.devices or (topo.num_devices if topo is not None else None)
     if n is None and (args.xla or -1 in mesh.values()):
         import jax
 
@@ -305,11 +339,24 @@ def _run_plan(args) -> int:
     config_lib.validate_config(cfg, num_devices=n, process_count=1)
     result = plan_lib.plan(cfg, preset=args.model, seq_len=args.seq_len, gen_batch=args.gen_batch,
                            gen_len=args.gen_len)
-    if args.xla or devices is not None:
-        result["xla"] = plan_lib.xla_memory(cfg, devices=devices, preset=args.model, seq_len=args.seq_len)
+    if args.xla:
+        result["xla"] = plan_lib.xla_memory(cfg, preset=args.model, seq_len=args.seq_len)
     print(plan_lib.format_plan(result))
+    if topo is not None:
+        bench = config_lib.load_config(args.bench_config or repo / "configs" / "benchmark.py", [], validate=False)
+        generation = {k: v for k, v in dict(mesh=plan_lib.parse_mesh(args.gen_mesh) or None, batch=args.gen_batch,
+                                            prompt_len=args.gen_prompt_len, new_tokens=args.gen_new_tokens,
+                                            steps=args.gen_steps).items() if v is not None}
+        result["aot"] = plan_tpu.aot_report(cfg, bench, topo, preset=args.model, seq_len=args.seq_len,
+                                            generation=generation, suggest=not args.no_suggest,
+                                            programs=tuple(p for p in args.programs.split(",") if p))
+        print(plan_tpu.format_aot(result["aot"]))
     if args.json:
         print(f"wrote {plan_lib.write_json(result, args.json)}")
+    if args.require_fit and topo is not None and not all(
+            result["aot"][k]["fits"] for k in ("train", "generate") if k in result["aot"]):
+        print(f"plan: does not fit {topo.name} as configured (see the suggestions above)")
+        return 3
     return 0
 
 
@@ -317,6 +364,14 @@ SUBCOMMANDS.append(_add_plan)
 
 
 # --------------------------------------------------------------------------- eval
+
+
+def _mesh_option(parser, default: str) -> None:
+    """``--mesh data=N,fsdp=N,tensor=N`` of the generating commands (eval, generate)."""
+    parser.add_argument("--mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
+                        help="each process's device mesh over its own local devices (any subset of the "
+                             "axes; one may be -1: the remaining devices); fsdp / tensor > 1 shard the "
+                             f"model's parameters (default: {default})")
 
 
 def _add_eval(subparsers) -> None:

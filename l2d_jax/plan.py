@@ -56,7 +56,6 @@ import functools
 import json
 import math
 import os
-import re
 import types
 from pathlib import Path
 from typing import Any, Mapping
@@ -222,7 +221,7 @@ def abstract_model(llm_cfg, settings):
     return nnx.eval_shape(lambda: L2DModel(LLM(llm_cfg, rngs=nnx.Rngs(0)), settings, rngs=nnx.Rngs(1)))
 
 
-def _trainable_filter(settings):
+def trainable_filter(settings):
     from flax import nnx
 
     from l2d_jax.models.l2d import FLOW
@@ -286,7 +285,7 @@ def _residual_bytes(llm_cfg, settings, rows: int, length: int, remat: bool) -> i
     from l2d_jax.train.step import loss_terms
 
     model = abstract_model(llm_cfg, settings)
-    graphdef, train, frozen = nnx.split(model, _trainable_filter(settings), ...)
+    graphdef, train, frozen = nnx.split(model, trainable_filter(settings), ...)
     train = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), train)
     guided = settings.use_guidance
 
@@ -391,7 +390,7 @@ def plan(cfg, *, mesh: Mapping[str, int] | None = None, num_devices: int | None 
     llm_cfg = LLMConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     settings = config_lib.l2d_settings(cfg)
     model = abstract_model(llm_cfg, settings)
-    _, train_state, frozen_state = nnx.split(model, _trainable_filter(settings), ...)
+    _, train_state, frozen_state = nnx.split(model, trainable_filter(settings), ...)
     train_pure, frozen_pure = nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
     train_div = _divisors(train_state, sizes, rules) if jax.tree.leaves(train_pure) else {}
     frozen_div = _divisors(frozen_state, sizes, rules) if jax.tree.leaves(frozen_pure) else {}
@@ -505,70 +504,18 @@ def format_plan(p: Mapping) -> str:
 # --------------------------------------------------------------------------- XLA's own numbers
 
 
-TPU_INSTALL_HINT = ("ahead-of-time compilation for a TPU topology needs libtpu, which is not installed: "
-                    "`pip install -U \"jax[tpu]\"` (the jax version must match; "
-                    "https://docs.jax.dev/en/latest/installation.html), then run `l2d-jax plan` again")
-
-
-def tpu_topology_devices(topology: str):
-    """Devices of a TPU topology such as ``v5e:2x2`` or ``v4:2x2x2`` for ahead-of-time
-    compilation (``jax.experimental.topologies``). PlanError naming ``pip install jax[tpu]``
-    when libtpu is missing."""
-    if not re.match(r"^v\d+[a-z]*(?:-?lite)?:\d+(?:x\d+)*$", topology):
-        raise PlanError(f"--aot-topology {topology!r}: expected GENERATION:SHAPE such as v5e:2x2, v5p:2x2x1, "
-                        "v4:2x2x2")
-    from jax.experimental import topologies
-
-    try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    except (RuntimeError, ImportError, NotImplementedError) as e:
-        msg = str(e)
-        if "not installed" in msg or "libtpu" in msg.lower() or "tpu" in msg.lower():
-            raise PlanError(f"{TPU_INSTALL_HINT} (JAX said: {' '.join(msg.split())[:200]})") from e
-        raise PlanError(f"--aot-topology {topology}: {msg}") from e
-    return list(topo.devices)
-
-
-def xla_memory(cfg, *, mesh: Mapping[str, int] | None = None, devices=None, preset: str | None = None,
-               seq_len: int | None = None) -> dict:
-    """XLA's ``memory_analysis()`` of the REAL jitted train step (``Trainer.train_step``),
-    lowered for abstract inputs (no weights) on ``devices`` (default: the local devices; or
-    ``tpu_topology_devices(...)`` for ahead-of-time TPU compilation). Bytes per device:
-    argument, output, alias (outputs reusing donated arguments), temp, and
+def xla_memory(cfg, *, devices=None, preset: str | None = None, seq_len: int | None = None) -> dict:
+    """XLA's ``memory_analysis()`` of the REAL jitted train step (``aot.train_program``),
+    compiled for abstract inputs (no weights) on ``devices`` (default: the local devices; or
+    ``aot.topology(...).devices`` for a TPU slice). Bytes per device: argument, output,
+    alias (outputs reusing donated arguments), temp, and
     ``peak_bytes = argument + output - alias + temp``."""
     import jax
-    import jax.numpy as jnp
 
-    from l2d_jax import config as config_lib, sharding as shd
-    from l2d_jax.models.llm import LLMConfig
-    from l2d_jax.train import optim, step as step_lib
+    from l2d_jax import aot
 
     devices = list(jax.devices() if devices is None else devices)
-    mesh_cfg = dict(cfg.get("mesh") or {})
-    mesh_cfg.update(mesh or {})
-    sizes, _ = resolve_mesh(mesh_cfg, len(devices))
-    jmesh = shd.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
-    rules = shd.rules_from_config(dict(cfg.get("sharding_rules") or {}))
-    hf, _ = model_hf_config(cfg.pretrained_model_dir, preset=preset)
-    llm_cfg = LLMConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    settings = config_lib.l2d_settings(cfg)
-    model = abstract_model(llm_cfg, settings)
-    tx, schedule = optim.make_optimizer(cfg, 1000, mask=lambda p: optim.decay_mask(p, settings, llm_cfg))
-    trainer = step_lib.Trainer(model, step_lib.StepConfig.from_config(cfg), tx, schedule, jmesh, rules)
-    buckets = tuple(cfg.get("seq_len_buckets") or ())
-    length = int(seq_len or (buckets[-1] if buckets else cfg.max_seq_len))
-    state = trainer.abstract_state_with_shardings()
-    from flax import nnx
-
-    _, _, frozen_state = nnx.split(model, _trainable_filter(settings), ...)
-    frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(frozen_state), trainer.frozen_shardings)
-    batch = {}
-    for name, sharding in trainer.batch_shardings(accumulated=True).items():
-        shape = (trainer.accum, trainer.micro_rows) + (() if name == "class_labels" else (length,))
-        batch[name] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-    compiled = trainer.train_step.lower(state, frozen, batch).compile()
-    m = compiled.memory_analysis()
+    m = aot.train_program(cfg, devices, preset=preset, seq_len=seq_len).lower().compile().memory_analysis()
     out = {"device": f"{devices[0].platform} x {len(devices)}",
            "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
            "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes)}
