@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice: create it, install l2d-jax on every worker, start the
 # SAME training command on all workers at once (--worker=all; jax.distributed finds the
-# other workers itself: L2D_DISTRIBUTED=tpu), follow the log, stop, delete.
+# other workers itself: L2D_DISTRIBUTED=tpu), follow the log, stop, delete. Before creating
+# the slice (create, run) and before starting a run (train), the planner compiles the train
+# step for that slice HERE, ahead of time (`l2d-jax plan --aot-topology --require-fit`, needs
+# libtpu: ./install.sh installs it), and a run that will not fit is refused (--force: start
+# anyway). --dry-run prints the plan command with the gcloud ones.
 #
 # Usage: launch/tpu_pod.sh [--dry-run] COMMAND [options] [--config.KEY=VALUE ...]
 # Commands:
+#   plan      compile the train step for the slice here and say whether it fits (no gcloud)
 #   create    gcloud compute tpus tpu-vm create (accelerator type, runtime version, --spot)
 #   install   copy this checkout (or git clone --repo) to every worker, ./install.sh, jax[tpu]
 #   train     start `l2d-jax train` on every worker in the background (log: --log, pid file)
@@ -31,10 +36,14 @@
 #   --mesh data=N,fsdp=N,tensor=N   mesh override [MESH]
 #   --log FILE          log file on the workers [LOG_FILE, default l2d_train.log (in $HOME)]
 #   --worker N          worker for `logs` [default 0]
-#   --dry-run           print the gcloud commands instead of running them
+#   --topology GEN:SHAPE  TPU topology for the plan [TOPOLOGY, default from --type: v5litepod-16
+#                       v5e:4x4, v4-8 v4:2x2x1, v5p-8 v5p:2x2x1, v6e-8 v6e:2x4, ...]
+#   --force             start even if the plan says it does not fit [FORCE=1]
+#   --no-plan           skip the plan [NO_PLAN=1]
+#   --dry-run           print the plan and gcloud commands instead of running them
 set -euo pipefail
 
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=0
 NAME="${TPU_NAME:-l2d-jax}"
@@ -50,6 +59,9 @@ CONFIG="${CONFIG:-}"
 WORKDIR="${WORKDIR:-}"
 MESH="${MESH:-}"
 LOG_FILE="${LOG_FILE:-l2d_train.log}"
+TOPOLOGY="${TOPOLOGY:-}"
+FORCE="${FORCE:-0}"
+NO_PLAN="${NO_PLAN:-0}"
 WORKER=0
 COMMAND=""
 OVERRIDES=()
@@ -72,16 +84,19 @@ while [[ $# -gt 0 ]]; do
     --mesh) need "$@"; MESH="$2"; shift 2 ;;
     --log) need "$@"; LOG_FILE="$2"; shift 2 ;;
     --worker) need "$@"; WORKER="$2"; shift 2 ;;
+    --topology) need "$@"; TOPOLOGY="$2"; shift 2 ;;
+    --force) FORCE=1; shift ;;
+    --no-plan) NO_PLAN=1; shift ;;
     --config.*) OVERRIDES+=("$1"); shift ;;
     -h|--help) usage; exit 0 ;;
-    create|install|train|logs|stop|delete|run)
+    plan|create|install|train|logs|stop|delete|run)
       [[ -z "$COMMAND" ]] || { echo "tpu_pod.sh: one command at a time ($COMMAND, $1)" >&2; exit 2; }
       COMMAND="$1"; shift ;;
     *) echo "tpu_pod.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 [[ -n "$COMMAND" ]] || { echo "tpu_pod.sh: no command" >&2; usage >&2; exit 2; }
-[[ -n "$ZONE" ]] || { echo "tpu_pod.sh: --zone (or ZONE) is required" >&2; exit 2; }
+[[ -n "$ZONE" || "$COMMAND" == plan ]] || { echo "tpu_pod.sh: --zone (or ZONE) is required" >&2; exit 2; }
 
 if [[ -z "$VERSION" ]]; then
   case "$TYPE" in
@@ -125,6 +140,45 @@ mesh_overrides() {
   printf '%s ' "${out[@]}"
 }
 
+topology_of() {  # accelerator type -> AOT topology (chips in the usual slice shapes)
+  local gen="${1%%-*}" n="${1##*-}" chips
+  case "$gen" in
+    v4|v5p) chips=$(( n / 2 ))
+      case $chips in 4) echo "$gen:2x2x1" ;; 8) echo "$gen:2x2x2" ;; 16) echo "$gen:2x2x4" ;;
+        32) echo "$gen:2x4x4" ;; 64) echo "$gen:4x4x4" ;; *) return 1 ;; esac ;;
+    v5litepod|v5e|v6e) [[ "$gen" == v6e ]] || gen=v5e; chips=$n
+      case $chips in 1) echo "$gen:1x1" ;; 4) echo "$gen:2x2" ;; 8) echo "$gen:2x4" ;; 16) echo "$gen:4x4" ;;
+        32) echo "$gen:4x8" ;; 64) echo "$gen:8x8" ;; 128) echo "$gen:8x16" ;; 256) echo "$gen:16x16" ;;
+        *) return 1 ;; esac ;;
+    *) return 1 ;;
+  esac
+}
+
+do_plan() {  # compile the train step for the slice here; refuse a run that does not fit
+  [[ "$NO_PLAN" == 1 ]] && return 0
+  if [[ -z "$CONFIG" ]]; then
+    [[ "$COMMAND" == plan ]] && { echo "tpu_pod.sh: plan needs --config FILE" >&2; exit 2; }
+    echo "tpu_pod.sh: no --config: nothing to plan for $TYPE" >&2; return 0
+  fi
+  local topo="$TOPOLOGY" repo py rc=0
+  [[ -n "$topo" ]] || topo="$(topology_of "$TYPE")" || {
+    echo "tpu_pod.sh: no topology known for --type $TYPE; pass --topology GEN:SHAPE (or --no-plan)" >&2; exit 2; }
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  py="${L2D_PYTHON:-$repo/.venv/bin/python}"
+  [[ -x "$py" ]] || py=python3
+  local cmd=(env JAX_PLATFORMS=cpu "$py" -m l2d_jax.cli plan --config "$repo/$CONFIG" --aot-topology "$topo"
+             --programs train --require-fit)
+  [[ -n "$MESH" ]] && cmd+=(--mesh "$MESH")
+  cmd+=("${OVERRIDES[@]}")
+  run "${cmd[@]}" || rc=$?
+  if [[ $rc -eq 3 && "$FORCE" != 1 ]]; then
+    echo "tpu_pod.sh: the plan says $CONFIG does not fit $TYPE ($topo); apply its suggestion or pass --force" >&2
+    exit 3
+  elif [[ $rc -ne 0 && $rc -ne 3 ]]; then
+    echo "tpu_pod.sh: the plan failed (exit $rc); --no-plan skips it" >&2; exit "$rc"
+  fi
+}
+
 do_create() {
   local args=(create "$NAME" "${WHERE[@]}" --accelerator-type="$TYPE" --version="$VERSION")
   [[ "$SPOT" == 1 ]] && args+=(--spot)
@@ -158,11 +212,12 @@ do_stop() { on_workers all "test -f ~/l2d_train.pid && kill -TERM \$(cat ~/l2d_t
 do_delete() { run "${GCLOUD[@]}" delete "$NAME" "${WHERE[@]}" --quiet; }
 
 case "$COMMAND" in
-  create) do_create ;;
+  plan) do_plan ;;
+  create) do_plan; do_create ;;
   install) do_install ;;
-  train) do_train ;;
+  train) do_plan; do_train ;;
   logs) do_logs ;;
   stop) do_stop ;;
   delete) do_delete ;;
-  run) do_create; do_install; do_train; do_logs ;;
+  run) do_plan; do_create; do_install; NO_PLAN=1 do_train; do_logs ;;
 esac

@@ -64,8 +64,13 @@ def test_tpu_pod_run_all_workers():
               "--config", CONFIG, "--workdir", "/mnt/shared/l1b", "--mesh", "data=4,fsdp=4",
               "--config.peak_lr=3e-5").stdout
     lines = out.strip().splitlines()
+    # first the plan, here, for the slice's topology (v4-32: 16 chips)
+    plan = lines.pop(0)
+    assert "-m l2d_jax.cli plan --config " in plan and plan.split("--config ")[1].split()[0].endswith(CONFIG)
+    assert "--aot-topology v4:2x2x4 --programs train --require-fit --mesh data=4,fsdp=4 --config.peak_lr=3e-5" in plan
     assert lines[0].startswith("gcloud compute tpus tpu-vm create pod1 --zone=us-central2-b "
                                "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
+    assert sum("l2d_jax.cli plan" in x for x in lines) == 0  # planned once, before creating
     scp = next(x for x in lines if " scp " in x)
     assert "--worker=all" in scp
     install = next(x for x in lines if "install.sh" in x)
@@ -95,6 +100,28 @@ def test_tpu_pod_other_commands_and_env():
     assert proc.returncode == 2 and "--config" in proc.stderr
     proc = run("tpu_pod.sh", "--dry-run", "create", check=False)
     assert proc.returncode == 2 and "--zone" in proc.stderr
+
+
+def test_tpu_pod_refuses_a_run_the_plan_says_does_not_fit(tmp_path):
+    """The plan's exit code 3 (--require-fit: does not fit) stops create/train unless --force."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"plan $*\"\nexit ${FAKE_PLAN_RC:-3}\n")
+    fake.chmod(0o755)
+    env = {"L2D_PYTHON": str(fake), "ZONE": "z", "ACCELERATOR_TYPE": "v5litepod-8"}
+    proc = run("tpu_pod.sh", "create", "--config", CONFIG, env=env, check=False)
+    assert proc.returncode == 3 and "does not fit v5litepod-8 (v5e:2x4)" in proc.stderr
+    assert "gcloud" not in proc.stdout and "--aot-topology v5e:2x4" in proc.stdout
+    env_no_gcloud = dict(env, PATH=f"{tmp_path}:/usr/bin:/bin")  # a "gcloud" that records it was called
+    (tmp_path / "gcloud").write_text("#!/bin/sh\necho \"gcloud $*\"\n")
+    (tmp_path / "gcloud").chmod(0o755)
+    proc = run("tpu_pod.sh", "create", "--force", "--config", CONFIG, env=env_no_gcloud)
+    assert "gcloud compute tpus tpu-vm create" in proc.stdout  # forced past the plan
+    proc = run("tpu_pod.sh", "--dry-run", "plan", "--config", CONFIG, "--type", "v6e-8", env=env)
+    assert "--aot-topology v6e:2x4" in proc.stdout
+    proc = run("tpu_pod.sh", "plan", "--config", CONFIG, "--type", "v5p-8", env=dict(env, FAKE_PLAN_RC="0"))
+    assert proc.returncode == 0 and "--aot-topology v5p:2x2x1" in proc.stdout
+    proc = run("tpu_pod.sh", "plan", "--config", CONFIG, "--type", "v9-8", "--version", "x", env=env, check=False)
+    assert proc.returncode == 2 and "--topology GEN:SHAPE" in proc.stderr
 
 
 def test_slurm_environment_and_srun():
