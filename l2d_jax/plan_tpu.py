@@ -108,13 +108,14 @@ def generate_candidates(shape: aot.GenerationShape, num_devices: int, heads: tup
         b //= 2
 
 
-def _estimate_train(cfg, preset, seq_len) -> int | None:
+def _estimate_train(cfg, preset, seq_len) -> float:
+    """The analytic plan's training bytes per device (inf for a change the plan rejects)."""
     from l2d_jax import plan
 
     try:
         return plan.plan(cfg, preset=preset, seq_len=seq_len)["total_bytes"]
-    except Exception:  # noqa: BLE001 - no estimate: compile it
-        return None
+    except plan.PlanError:
+        return math.inf
 
 
 def _search(candidates, build, estimate, topo: aot.Topology) -> dict:
@@ -262,9 +263,12 @@ def write_table(out_dir: Path) -> dict:
     import jax
 
     rows = []
-    for path in sorted(out_dir.glob("*__*.json")):
+    for path in out_dir.glob("*__*.json"):
         p = json.loads(path.read_text())
         rows.append({"config": path.name.split("__")[0], "plan": p})
+    order = {s: i for i, s in enumerate(SLICES)}
+    rows.sort(key=lambda r: (order.get(r["plan"].get("aot", {}).get("topology"), len(order)),
+                             _size_key(r["config"] + ".py"), r["config"]))
     try:
         from importlib.metadata import version
 
@@ -301,9 +305,16 @@ def markdown_table(rows: Sequence[Mapping], meta: Mapping) -> str:
              "fits, itself compiled. Shapes: the config's mesh (data over all devices unless set), train at",
              "the longest bucket; generate at `configs/benchmark.py` (batch, prompt bucket, new tokens).",
              "",
-             "| config | slice | train | generate |", "|---|---|---|---|"]
+             "| config | slice (devices) | train as planned | train | generate (eval mesh) | generate |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
-        a = row["plan"].get("aot", {})
-        lines.append(f"| {row['config']} | {a.get('topology', '?')} | {_cell(a.get('train'))} | "
-                     f"{_cell(a.get('generate'))} |")
+        p = row["plan"]
+        a = p.get("aot", {})
+        mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
+        train = f"{mesh}; micro {p['micro_batch_size']} x {p['seq_len']}, {p['accumulation_steps']} accum"
+        g = (a.get("generate") or {}).get("shape", {})
+        gen = (",".join(f"{k}={v}" for k, v in g.get("mesh", {}).items() if v > 1) +
+               f"; {g.get('batch')} x {g.get('prompt_len')} + {g.get('new_tokens')}, {g.get('steps')} points")
+        lines.append(f"| {row['config']} | {a.get('topology', '?')} ({a.get('num_devices')}) | {train} | "
+                     f"{_cell(a.get('train'))} | {gen} | {_cell(a.get('generate'))} |")
     return "\n".join(lines) + "\n"
