@@ -11,9 +11,9 @@
 
 Format 2 stores the decoder layers stacked (``layers/<param>`` with a leading layer axis, as
 the model holds them); format 1 (before 2026-12-07) stored one subtree per layer
-(``layers/<i>/<param>``). Format 1 directories still load: ``restore_params`` restores them
-onto this process's first device, stacks their layers (``stack_layers``) and then places
-them on the target.
+(``layers/<i>/<param>``). Format 1 directories still load: ``restore_params`` restores each
+layer onto its share of the target's sharding (``per_layer_target``) and stacks the layers
+straight onto the target (``stacked_onto``); untargeted, onto this process's first device.
 
 Writes go to ``CKPT_DIR.tmp-<pid>`` and are moved onto ``CKPT_DIR`` with ``os.replace`` when
 complete; on any error the temporary directory is removed, so a failed write leaves nothing.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -163,13 +164,12 @@ def restore_params(ckpt_dir: str | os.PathLike, part: str = "base", target: Mapp
 
     version = read_manifest(ckpt_dir)["format_version"]
     with ocp.StandardCheckpointer() as ckptr:
-        if target is None or version == 1:
+        if target is None:
             tree = ckptr.restore(path, local_abstract_tree(ckptr.metadata(path).item_metadata.tree))
-            if version == 1:
-                tree = stack_layers(tree)
-            if target is None:
-                return tree
-            return jax.tree.map(lambda x, t: jax.device_put(jax.numpy.asarray(x, t.dtype), t.sharding), tree, target)
+            return stack_layers(tree) if version == 1 else tree
+        if version == 1 and "layers" in target:
+            tree = ckptr.restore(path, {**target, "layers": per_layer_target(target["layers"])})
+            return {**tree, "layers": stacked_onto(tree["layers"], target["layers"])}
         return ckptr.restore(path, target)
 
 
@@ -212,14 +212,34 @@ def stacked(per_layer: Mapping):
     return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[per_layer[i] for i in range(len(per_layer))])
 
 
+def stacked_onto(per_layer: Mapping, target):
+    """``stacked(per_layer)`` computed straight onto the shardings of ``target`` (the stacked
+    subtree's ShapeDtypeStructs): each device stacks its own shards of the layers, so no
+    device holds more of a stacked array than its shard."""
+    layers = [per_layer[i] for i in range(len(per_layer))]
+    return jax.tree.map(lambda t, *xs: _stack(t.sharding)(*xs), target, *layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _stack(sharding):
+    """A jitted stack of its arguments whose output lands on ``sharding``."""
+    return jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=sharding)
+
+
 def stack_layers(part: Mapping) -> dict:
     """A format-1 part (``layers`` a dict of per-layer subtrees keyed 0..L-1) in the format-2
     layout (one subtree whose arrays have a leading layer axis); other parts unchanged."""
     part = dict(part)
-    layers = part.get("layers")
-    if isinstance(layers, Mapping) and layers and all(isinstance(k, int) for k in layers):
-        part["layers"] = stacked(layers)
+    if per_layer(part):
+        part["layers"] = stacked(part["layers"])
     return part
+
+
+def per_layer(part: Mapping) -> bool:
+    """Whether ``part`` is in the format-1 layout: ``layers`` a dict of per-layer subtrees
+    keyed 0..L-1 (digit keys as ints, as ``local_abstract_tree`` gives them)."""
+    layers = part.get("layers")
+    return isinstance(layers, Mapping) and bool(layers) and all(isinstance(k, int) for k in layers)
 
 
 def _orbax_save(path: Path, tree: Mapping) -> None:

@@ -431,7 +431,8 @@ def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = Non
     """What ``l2d-jax generate`` does: load any model source, then ``generate_text`` (with
     several processes: every process loads the model, generates its share of the prompts and
     returns all records). mesh: ``"data=N,fsdp=N,tensor=N"`` (any subset) or a dict, this
-    process's mesh over its local devices (``generate_text``)."""
+    process's mesh over its local devices (``generate_text``); the model loads straight onto
+    it (``sharding.load_mesh``: each device receives only its shards)."""
     from l2d_jax.convert.loading import load_any
     from l2d_jax.errors import L2DError
     from l2d_jax.plan import parse_mesh
@@ -440,8 +441,8 @@ def generate_cli(model_path: str, prompts: list[str], *, steps: int | None = Non
         raise L2DError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     if isinstance(mesh, str):
         mesh = parse_mesh(mesh)
-    shd.local_mesh(mesh)  # a wrong mesh fails before the weights load
-    model, tokenizer, _ = load_any(model_path, dtype=dtype)
+    target = shd.load_mesh(mesh)  # a wrong mesh fails before the weights load
+    model, tokenizer, _ = load_any(model_path, dtype=dtype, mesh=target)
     is_l2d = not isinstance(model, LLM)
     steps = (8 if is_l2d else 0) if steps is None else steps
     ode_kw = {}

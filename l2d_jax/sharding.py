@@ -8,7 +8,9 @@ can override them.
 
 Inference (``l2d-jax eval`` / ``generate``): ``inference_mesh`` builds each process's mesh
 over ITS OWN local devices (``local_mesh``: one model-parallel group per host) and places the
-model on it (``place_module``); hosts split the prompts between them.
+model on it (``place_module``); hosts split the prompts between them. The loaders
+(``l2d_jax.convert.loading.load_any(mesh=load_mesh(sizes))``) create every parameter straight
+on that mesh (``param_shardings``): a device only ever receives its shards.
 """
 
 from __future__ import annotations
@@ -103,14 +105,28 @@ def place_module(module: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
 
 def inference_mesh(model: nnx.Module, sizes: Mapping[str, int] | None = None, rules=RULES) -> Mesh | None:
     """THIS process's mesh for generation (``local_mesh(sizes)``) with ``model`` placed on it
-    (``place_module``), or None (nothing moved) when it is a single device. Trace generation
-    under ``gather_layers(mesh, rules)``; put batches (B, ...) with ``batch_sharding``, B a
-    multiple of ``data_parallel_size(mesh)``."""
-    mesh = local_mesh(sizes)
-    if mesh.size == 1:
-        return None
-    place_module(model, mesh, rules)
+    (``place_module``; nothing moves for a model loaded onto ``load_mesh(sizes)``), or None
+    (nothing moved) when it is a single device. Trace generation under
+    ``gather_layers(mesh, rules)``; put batches (B, ...) with ``batch_sharding``, B a multiple
+    of ``data_parallel_size(mesh)``."""
+    mesh = load_mesh(sizes)
+    if mesh is not None:
+        place_module(model, mesh, rules)
     return mesh
+
+
+def load_mesh(sizes: Mapping[str, int] | None = None) -> Mesh | None:
+    """The mesh to load a model straight onto (``convert.loading.load_any(mesh=...)``): THIS
+    process's ``local_mesh(sizes)``, or None when that is a single device (load as without a
+    mesh). A UsageError for sizes that cannot tile the local devices, before anything loads."""
+    mesh = local_mesh(sizes)
+    return None if mesh.size == 1 else mesh
+
+
+def param_shardings(state, mesh: Mesh, rules=RULES) -> dict:
+    """``state_shardings(state, mesh, rules)`` as a pure dict (``nnx.to_pure_dict``'s nesting):
+    where a loader creates each parameter of an (abstract) state."""
+    return nnx.to_pure_dict(state_shardings(state, mesh, rules))
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES, mesh: Mesh | None = None,

