@@ -130,6 +130,11 @@ def _search(candidates, build, estimate, topo: aot.Topology) -> dict:
         report = build(overrides)
         entry = {"overrides": overrides, "flags": _flags(overrides), "fits": report["fits"],
                  "peak_bytes": report["peak_bytes"], "compile_s": report["compile_s"]}
+        if "gen_mesh" in overrides or "gen_batch" in overrides:  # the same change for l2d-jax eval
+            entry["eval_flags"] = " ".join(
+                ([f"--mesh {','.join(f'{k}={v}' for k, v in overrides['gen_mesh'].items())}"]
+                 if "gen_mesh" in overrides else [])
+                + ([f"--batch-size {overrides['gen_batch']}"] if "gen_batch" in overrides else []))
         if report["fits"]:
             return dict(entry, roofline_step_s=report["roofline_step_s"], tried=tried)
         tried.append(entry)
@@ -204,6 +209,8 @@ def format_aot(a: Mapping) -> str:
         if s:
             if s.get("overrides"):
                 lines.append(f"            fits with: {s['flags']} (peak {gib(s['peak_bytes'])}, verified by compiling)")
+                if s.get("eval_flags"):
+                    lines.append(f"            (l2d-jax eval {s['eval_flags']})")
             else:
                 lines.append(f"            {s['note']}")
     return "\n".join(lines)

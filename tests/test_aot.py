@@ -195,6 +195,25 @@ def test_out_of_memory_gives_fits_false_and_a_verified_change(capsys, tmp_path):
     assert code == 3
 
 
+def test_generation_that_does_not_fit_gets_a_mesh_and_batch_that_do(capsys, tmp_path):
+    """Generation's ladder: tensor parallelism, then a smaller batch; the change is given as
+    plan flags and as the l2d-jax eval flags, and was compiled within the budget."""
+    shape = ["--programs", "generate", "--gen-mesh", "data=4", "--gen-batch", "64", "--gen-prompt-len", "512",
+             "--gen-new-tokens", "8", "--gen-steps", "4"]  # the KV cache dominates the peak
+    code, p, out = _plan(capsys, tmp_path, "--aot-topology", "v5e:2x2", *shape, "--no-suggest")
+    assert code == 0, out
+    peak = p["aot"]["generate"]["peak_bytes"]
+    budget = 0.6 * peak / 2**30
+    code, p, out = _plan(capsys, tmp_path, "--aot-topology", "v5e:2x2", *shape, "--hbm-gib", f"{budget:.6f}")
+    assert code == 0, out
+    r = p["aot"]["generate"]
+    assert r["fits"] is False and r["peak_bytes"] == peak
+    s = r["suggestion"]
+    assert s["fits"] is True and s["peak_bytes"] <= budget * 2**30, s
+    assert s["overrides"]["gen_mesh"]["tensor"] == 2  # tiny: 2 KV heads
+    assert s["eval_flags"].startswith("--mesh data=2,fsdp=1,tensor=2") and "l2d-jax eval --mesh" in out
+
+
 def test_xla_out_of_memory_message_is_parsed():
     from l2d_jax import aot
 
