@@ -139,7 +139,7 @@ def _search(candidates, build, estimate, topo: aot.Topology) -> dict:
             return dict(entry, roofline_step_s=report["roofline_step_s"], tried=tried)
         tried.append(entry)
     return {"overrides": None, "fits": False, "tried": tried,
-            "note": "none of the changes tried fits: rent a slice with more HBM per device"}
+            "note": "none of the changes tried fits: a larger slice (more devices, or more HBM per device)"}
 
 
 def aot_report(cfg, bench, topo: aot.Topology, *, preset: str | None = None, seq_len: int | None = None,
