@@ -17,7 +17,7 @@ cost analysis counts a loop body once; it is kept as ``xla_cost``), ``roofline_s
 max(FLOPs / chip peak, bytes / HBM bandwidth) from ``CHIPS``, and ``suggestion``.
 
 An out-of-memory compile (XLA's ``RESOURCE_EXHAUSTED``) is a result: ``fits: false``, the
-shortfall, and ``suggestion``: the first of a ladder of changes (``suggest.py``) that,
+shortfall, and ``suggestion``: the first of a ladder of changes (``plan_tpu.py``) that,
 compiled, fits.
 """
 
