@@ -296,9 +296,10 @@ def _cell(r: Mapping) -> str:
         return f"yes {gib:.1f} GiB, {r['compile_s']:.0f} s, {r['roofline_step_s'] * 1e3:.0f} ms"
     s = r.get("suggestion") or {}
     if s.get("overrides"):
-        return (f"no; fits with `{s['flags']}`: {s['peak_bytes'] / 2**30:.1f} GiB, "
+        return (f"no; fits with `{s['flags']}`: {s['peak_bytes'] / 2**30:.1f} GiB, {s['compile_s']:.0f} s, "
                 f"{s['roofline_step_s'] * 1e3:.0f} ms")
-    return "no; " + (s.get("note") or "out of memory")
+    tried = len(s.get("tried", []))
+    return f"no; none of {tried} change(s) compiled fits: a larger slice" if s else "no (out of memory)"
 
 
 def markdown_table(rows: Sequence[Mapping], meta: Mapping) -> str:
@@ -311,6 +312,8 @@ def markdown_table(rows: Sequence[Mapping], meta: Mapping) -> str:
              "token at the benchmark's largest step count). Not fitting: the smallest change found that",
              "fits, itself compiled. Shapes: the config's mesh (data over all devices unless set), train at",
              "the longest bucket; generate at `configs/benchmark.py` (batch, prompt bucket, new tokens).",
+             "A v4 chip is two devices here (two TensorCores, 16 GiB each); the other chips one. Compile",
+             "times depend on the host's load (README: the figures' conditions).",
              "",
              "| config | slice (devices) | train as planned | train | generate (eval mesh) | generate |",
              "|---|---|---|---|---|---|"]
