@@ -123,7 +123,7 @@ def test_load_any_creates_every_parameter_on_its_sharding(loaded, source):
     assert r["kind"] == ("base" if source in ("hf", "converted_base") else "l2d")
     assert r["shardings_are_the_rules"], r["wrong_sharding"]
     assert r["mismatched_values"] == []
-    split = {p for p, leaf in r["placement"].items() if leaf["split"]}
+    split = {p for p, leaf in r["placement"].items() if leaf["sharded"]}
     stacked = {p for p in split if "/layers/" in f"/{p}" and p.endswith("kernel") and "self_attn" in p}
     assert stacked, "the stacked attention matrices of the base are split"
     for path, leaf in r["placement"].items():
@@ -212,25 +212,6 @@ class _Spy:
         self.placements += [f"{what}: {leaf.shape}" for w, leaf in leaves if single(w)]
 
 
-def _placement(model, mesh) -> dict:
-    """path -> shape, shard shape on the first device, the shard its rules' spec gives, and
-    whether the spec splits it."""
-    import numpy as np
-    from flax import nnx
-
-    from l2d_jax import sharding as shd
-
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        value = var.get_value()
-        spec = shd.logical_to_spec(var.get_metadata().get("axes"), shd.RULES, mesh, value.shape)
-        expected = [int(n // np.prod([mesh.shape[a] for a in ((e,) if isinstance(e, str) else e or ())]))
-                    for n, e in zip(value.shape, tuple(spec) + (None,) * value.ndim)]
-        out["/".join(map(str, path))] = dict(shape=list(value.shape), shard=list(value.addressable_shards[0].data.shape),
-                                             expected_shard=expected, split=any(e is not None for e in spec))
-    return out
-
-
 def _load(source: str, mesh=None):
     """``load_any`` of a SOURCES path (the format-1 fixture has no tokenizer of its own)."""
     from l2d_jax.config import RANDOM_TINY
@@ -243,6 +224,8 @@ def _load_checks(sources: dict, mesh) -> dict:
     import jax
     import numpy as np
     from flax import nnx
+
+    from test_sharded_generation import _placement as placement  # the worker has tests/ on sys.path
 
     from l2d_jax import sharding as shd
 
@@ -264,7 +247,7 @@ def _load_checks(sources: dict, mesh) -> dict:
                       if not np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))]
         assert len(flat) == len(jax.tree.leaves(nnx.state(one)))
         result[name] = dict(kind=desc["kind"], shardings_are_the_rules=not wrong, wrong_sharding=wrong[:5],
-                            mismatched_values=mismatched, placement=_placement(model, mesh),
+                            mismatched_values=mismatched, placement=placement(model, mesh),
                             single_device_placements=spy.placements[:10], placements_seen=spy.seen,
                             control_single_device_placements=len(control.placements))
     return result
