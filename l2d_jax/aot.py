@@ -404,6 +404,7 @@ def generate_programs(cfg, bench, devices, shape: GenerationShape, *, preset: st
             prefill_lowered["x"] = gen._prefill_jit.lower(model, ids, ids, n, 1, kernels)
         return prefill_lowered["x"]
 
+    @functools.cache  # decode's lowering and its cost both ask: prefill is compiled for it once
     def prefilled():
         """The decode's input: prefill's output, placed as XLA placed it (when compiled)."""
         lowered = prefill_lowered.get("x") or lower_prefill()
