@@ -15,9 +15,12 @@ the model holds them); format 1 (before 2026-12-07) stored one subtree per layer
 layer onto its share of the target's sharding (``per_layer_target``) and stacks the layers
 straight onto the target (``stacked_onto``); untargeted, onto this process's first device.
 
-Writes go to ``CKPT_DIR.tmp-<pid>`` and are moved onto ``CKPT_DIR`` with ``os.replace`` when
-complete; on any error the temporary directory is removed, so a failed write leaves nothing.
-Conversion writes are single-process (training checkpoints belong to the training loop).
+CKPT_DIR may be local or ``gs://bucket/path`` (``l2d_jax.storage``). Local writes go to
+``CKPT_DIR.tmp-<pid>`` and are moved onto ``CKPT_DIR`` with ``os.replace`` when complete; in a
+bucket (no directory rename there) the parts are written in place and the manifest is written
+last: a directory without ``l2d_jax.json`` is not a checkpoint. On any error the partial
+directory is removed, so a failed write leaves nothing readable. Conversion writes are
+single-process (training checkpoints belong to the training loop).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from l2d_jax import storage
 from l2d_jax.errors import L2DError
 
 FORMAT_VERSION = 2
@@ -53,9 +58,10 @@ _MIN_IN_FLIGHT_BYTES = 16 * 2**20
 # --------------------------------------------------------------------------- output directories
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raises unless ``out_dir`` is absent, empty, or ``overwrite`` is set. Call before slow work."""
-    out = Path(out_dir)
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> epath.Path:
+    """Raises unless ``out_dir`` (local or ``gs://``) is absent, empty, or ``overwrite`` is
+    set; also when a bucket cannot be reached. Call before slow work. Returns it absolute."""
+    out = storage.check_access(out_dir, arrays=True)
     if out.exists() and not out.is_dir():
         raise L2DError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -65,12 +71,25 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[epath.Path]:
+    """Yields a directory whose content becomes ``out_dir`` when the block succeeds.
 
-    On any exception the temporary directory is removed and ``out_dir`` is left as it was.
+    Local: a fresh temporary directory that replaces ``out_dir`` (``os.replace``); on any
+    exception it is removed and ``out_dir`` is left as it was. In a bucket: ``out_dir`` itself,
+    emptied first (its manifest deleted before anything else, so it never reads as complete
+    while mixed); the block must write the manifest last; on an exception it is removed.
     """
-    out = check_output_dir(out_dir, overwrite).absolute()
+    out = check_output_dir(out_dir, overwrite)
+    if storage.is_remote(out):
+        (out / MANIFEST).unlink(missing_ok=True)
+        storage.rmtree(out)
+        try:
+            yield out
+        except BaseException:
+            storage.rmtree(out)
+            raise
+        return
+    out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -95,7 +114,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
 
 def save_checkpoint(out_dir: str | os.PathLike, *, base_params: Mapping, hf_config: Mapping,
                     tokenizer=None, kind: str = "base", flow_params: Mapping | None = None,
-                    l2d_settings: Mapping | None = None, dtype: str, overwrite: bool = False) -> Path:
+                    l2d_settings: Mapping | None = None, dtype: str, overwrite: bool = False) -> Path | epath.Path:
     """Writes the layout above. ``base_params`` / ``flow_params``: pure dicts of arrays.
 
     Pass JAX arrays (on any device): orbax writes them a few at a time. numpy leaves (e.g. from
@@ -119,15 +138,21 @@ def save_checkpoint(out_dir: str | os.PathLike, *, base_params: Mapping, hf_conf
         if flow_params is not None:
             _orbax_save(tmp / "flow", flow_params)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return Path(out_dir)
+            with storage.staged_dir(tmp / TOKENIZER_DIR) as tok_dir:
+                tokenizer.save_pretrained(str(tok_dir))
+        storage.atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))  # last
+    return storage.native(out_dir)
 
 
 def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
-    """The checked ``l2d_jax.json`` of a converted checkpoint directory."""
-    path = Path(ckpt_dir) / MANIFEST
-    if not Path(ckpt_dir).exists():
+    """The checked ``l2d_jax.json`` of a converted checkpoint directory (local or ``gs://``)."""
+    ckpt = storage.as_path(ckpt_dir, arrays=True)
+    path = ckpt / MANIFEST
+    try:
+        exists = ckpt.exists()
+    except Exception as e:  # noqa: BLE001 - a bucket that cannot be reached
+        raise storage.describe_error(ckpt_dir, e) from e
+    if not exists:
         raise FileNotFoundError(f"{ckpt_dir} does not exist")
     if not path.is_file():
         raise L2DError(f"{ckpt_dir} is not an l2d-jax checkpoint (no {MANIFEST})")
@@ -157,7 +182,7 @@ def restore_params(ckpt_dir: str | os.PathLike, part: str = "base", target: Mapp
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-    path = (Path(ckpt_dir) / part).absolute()
+    path = storage.as_path(ckpt_dir, arrays=True) / part
     if not path.is_dir():
         raise L2DError(f"checkpoint {ckpt_dir} has no {part}/ part")
     import orbax.checkpoint as ocp
@@ -242,7 +267,7 @@ def per_layer(part: Mapping) -> bool:
     return isinstance(layers, Mapping) and bool(layers) and all(isinstance(k, int) for k in layers)
 
 
-def _orbax_save(path: Path, tree: Mapping) -> None:
+def _orbax_save(path: epath.Path, tree: Mapping) -> None:
     """Orbax PyTree save (restorable by ``StandardCheckpointer``) that stays near one model in memory.
 
     Orbax's defaults hold a host copy of every array plus zstd buffers while writing (about a
@@ -261,7 +286,7 @@ def _orbax_save(path: Path, tree: Mapping) -> None:
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, save_device_host_concurrent_gb=gb,
                                           use_compression=False, **solo)
     with ocp.Checkpointer(handler, **solo) as ckptr:
-        ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(dict(tree)))
+        ckptr.save(storage.as_path(path, arrays=True), args=ocp.args.PyTreeSave(dict(tree)))
 
 
 def local_abstract_tree(tree) -> dict:
