@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train, evaluate and export on a Cloud TPU VM slice: create it, install l2d-jax on every worker,
 # start the SAME command on all workers at once (--worker=all; jax.distributed finds the other
-# workers itself: L2D_DISTRIBUTED=tpu), follow the log, stop, delete.
+# workers itself on a multi-worker slice: L2D_DISTRIBUTED=tpu), follow the log, stop, delete.
 #
 # Usage: launch/tpu_pod.sh [--dry-run] COMMAND [options] [--config.KEY=VALUE ...]
 # Commands:
@@ -139,6 +139,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$COMMAND" ]] || { echo "tpu_pod.sh: no command" >&2; usage >&2; exit 2; }
 [[ -n "$ZONE" || "$COMMAND" == plan ]] || die "--zone ZONE (or export ZONE=...) is required, e.g. --zone us-central2-b"
+[[ -n "$CONFIG" || ( "$COMMAND" != train && "$COMMAND" != run ) ]] || die "$COMMAND needs --config FILE (a configs/*.py training config)"
 
 # The image per generation (see IMAGES above) and what its python3 is.
 if [[ -z "$VERSION" ]]; then
@@ -325,7 +326,6 @@ do_install() {
 }
 
 do_train() {
-  [[ -n "$CONFIG" ]] || die "train needs --config FILE"
   warn_storage
   local mesh_args=()
   mapfile -t mesh_args < <(mesh_overrides)

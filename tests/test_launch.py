@@ -225,6 +225,7 @@ def test_tpu_pod_eval_and_export(stubs):
     (["train", "--workdir", "gs:/bucket/run", "--config", CONFIG], 2, "a bucket URI is gs://BUCKET/PATH"),
     (["eval", "--workdir", "gs://b-1/r", "--eval-out", "gs://-bad/x"], 2, "not a bucket name"),
     (["train"], 2, "train needs --config"),
+    (["run"], 2, "run needs --config"),
     (["plan", "--config", CONFIG, "--type", "v9-8", "--version", "x"], 2, "--topology GEN:SHAPE"),
     (["train", "--config", CONFIG, "--config.run_name=$(rm)", "--no-plan"], 2, "cannot be passed to the workers"),
 ])
