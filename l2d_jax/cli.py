@@ -542,6 +542,10 @@ def _run_demo(args) -> int:
 
 SUBCOMMANDS.append(_add_demo)
 
+from l2d_jax.environment import add_parser as _add_env  # noqa: E402  (l2d-jax env: l2d_jax/environment.py)
+
+SUBCOMMANDS.append(_add_env)
+
 
 # --------------------------------------------------------------------------- entry point
 
