@@ -289,7 +289,15 @@ def _add_plan(subparsers) -> None:
     p.add_argument("--programs", default="train,generate", help="with --aot-topology: which programs")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="with --aot-topology: plan against this much HBM per device (headroom), when less "
-                        "than the chip has")
+                        "than the chip has; without it: compare the analytic per-device total with G (e.g. "
+                        "74 for an 80 GB GPU; the analytic plan was within ~15%% of XLA) and search a change")
+    p.add_argument("--emit-overrides", default=None, metavar="FILE",
+                   help="write the --config.KEY=VALUE lines (one per line) of a training configuration that "
+                        "fits: none when the given one fits, else the suggestion; exit 3 (FILE not written) "
+                        "when nothing tried fits. Needs --aot-topology or --hbm-gib")
+    p.add_argument("--train-examples", type=int, default=None, metavar="N",
+                   help="training conversations, for steps per epoch (default: known for synthetic data and "
+                        "the released smoltalk mix, approximately)")
     p.add_argument("--bench-config", default=None, metavar="FILE",
                    help="evaluation config for the generation programs (default configs/benchmark.py)")
     p.add_argument("--gen-mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
@@ -313,51 +321,9 @@ def _add_plan(subparsers) -> None:
 def _run_plan(args) -> int:
     from pathlib import Path
 
-    from l2d_jax import aot, config as config_lib, plan as plan_lib, plan_tpu
+    from l2d_jax.plan_launch import run_plan
 
-    repo = Path(__file__).resolve().parents[1]
-    if args.sweep:
-        table = plan_tpu.sweep(plan_tpu.released_configs(repo), [s for s in args.slices.split(",") if s],
-                               Path(args.sweep))
-        print(plan_tpu.markdown_table(table["rows"], table["meta"]))
-        return 0
-    if not args.config:
-        raise plan_lib.PlanError("plan needs --config FILE (or --sweep DIR)")
-    topo = (aot.topology(args.aot_topology, None if args.hbm_gib is None else int(args.hbm_gib * 2**30))
-            if args.aot_topology else None)
-    cfg = config_lib.load_config(args.config, args.overrides, validate=False)
-    mesh = dict(cfg.mesh)
-    mesh.update(plan_lib.parse_mesh(args.mesh))
-    n = args.devices or (topo.num_devices if topo is not None else None)
-    if n is None and (args.xla or -1 in mesh.values()):
-        import jax
-
-        n = jax.device_count()
-    sizes, n = plan_lib.resolve_mesh(mesh, n)
-    for k, v in sizes.items():
-        cfg.mesh[k] = v
-    config_lib.validate_config(cfg, num_devices=n, process_count=1)
-    result = plan_lib.plan(cfg, preset=args.model, seq_len=args.seq_len, gen_batch=args.gen_batch,
-                           gen_len=args.gen_len)
-    if args.xla:
-        result["xla"] = plan_lib.xla_memory(cfg, preset=args.model, seq_len=args.seq_len)
-    print(plan_lib.format_plan(result))
-    if topo is not None:
-        bench = config_lib.load_config(args.bench_config or repo / "configs" / "benchmark.py", [], validate=False)
-        generation = {k: v for k, v in dict(mesh=plan_lib.parse_mesh(args.gen_mesh) or None, batch=args.gen_batch,
-                                            prompt_len=args.gen_prompt_len, new_tokens=args.gen_new_tokens,
-                                            steps=args.gen_steps).items() if v is not None}
-        result["aot"] = plan_tpu.aot_report(cfg, bench, topo, preset=args.model, seq_len=args.seq_len,
-                                            generation=generation, suggest=not args.no_suggest,
-                                            programs=tuple(p for p in args.programs.split(",") if p))
-        print(plan_tpu.format_aot(result["aot"]))
-    if args.json:
-        print(f"wrote {plan_lib.write_json(result, args.json)}")
-    if args.require_fit and topo is not None and not all(
-            result["aot"][k]["fits"] for k in ("train", "generate") if k in result["aot"]):
-        print(f"plan: does not fit {topo.name} as configured (see the suggestions above)")
-        return 3
-    return 0
+    return run_plan(args, Path(__file__).resolve().parents[1])
 
 
 SUBCOMMANDS.append(_add_plan)

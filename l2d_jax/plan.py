@@ -354,6 +354,34 @@ def _gathered_bytes(halves, sizes: Mapping[str, int], rules) -> int:
 # --------------------------------------------------------------------------- the plan
 
 
+def model_parts(cfg, preset: str | None = None):
+    """(LLMConfig, L2DSettings, trainable nnx.State, frozen nnx.State, shape source) of a
+    training config, abstract (ShapeDtypeStructs; the states in their declared dtypes)."""
+    from flax import nnx
+
+    from l2d_jax import config as config_lib
+    from l2d_jax.models.llm import LLMConfig
+
+    hf, source = model_hf_config(cfg.pretrained_model_dir, preset=preset)
+    llm_cfg = LLMConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    settings = config_lib.l2d_settings(cfg)
+    _, train_state, frozen_state = nnx.split(abstract_model(llm_cfg, settings), trainable_filter(settings), ...)
+    return llm_cfg, settings, train_state, frozen_state, source
+
+
+def optimizer_state(cfg, settings, llm_cfg, train_pure):
+    """(optax transform, abstract optimizer state) of the training loop's optimizer over the
+    trainable parameters as float32 master copies (``train_pure``: their pure dict)."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2d_jax.train import optim
+
+    abstract_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), train_pure)
+    tx, _ = optim.make_optimizer(cfg, 1000, mask=lambda p: optim.decay_mask(p, settings, llm_cfg))
+    return tx, jax.eval_shape(tx.init, abstract_f32)
+
+
 def plan(cfg, *, mesh: Mapping[str, int] | None = None, num_devices: int | None = None,
          preset: str | None = None, seq_len: int | None = None, gen_batch: int | None = None,
          gen_len: int | None = None) -> dict:
@@ -368,9 +396,7 @@ def plan(cfg, *, mesh: Mapping[str, int] | None = None, num_devices: int | None 
     import jax.numpy as jnp
     from flax import nnx
 
-    from l2d_jax import config as config_lib, sharding as shd
-    from l2d_jax.models.llm import LLMConfig
-    from l2d_jax.train import optim
+    from l2d_jax import sharding as shd
 
     mesh_cfg = dict(cfg.get("mesh") or {})
     mesh_cfg.update(mesh or {})
@@ -386,11 +412,7 @@ def plan(cfg, *, mesh: Mapping[str, int] | None = None, num_devices: int | None 
     buckets = tuple(cfg.get("seq_len_buckets") or ())
     length = int(seq_len or (buckets[-1] if buckets else cfg.max_seq_len))
 
-    hf, source = model_hf_config(cfg.pretrained_model_dir, preset=preset)
-    llm_cfg = LLMConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    settings = config_lib.l2d_settings(cfg)
-    model = abstract_model(llm_cfg, settings)
-    _, train_state, frozen_state = nnx.split(model, trainable_filter(settings), ...)
+    llm_cfg, settings, train_state, frozen_state, source = model_parts(cfg, preset)
     train_pure, frozen_pure = nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
     train_div = _divisors(train_state, sizes, rules) if jax.tree.leaves(train_pure) else {}
     frozen_div = _divisors(frozen_state, sizes, rules) if jax.tree.leaves(frozen_pure) else {}
@@ -402,9 +424,7 @@ def plan(cfg, *, mesh: Mapping[str, int] | None = None, num_devices: int | None 
     # optimizer state: the loop's optimizer, sharded like the parameters
     import optax
 
-    abstract_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), train_pure)
-    tx, _ = optim.make_optimizer(cfg, 1000, mask=lambda p: optim.decay_mask(p, settings, llm_cfg))
-    opt_state = jax.eval_shape(tx.init, abstract_f32)
+    tx, opt_state = optimizer_state(cfg, settings, llm_cfg, train_pure)
     opt_div = optax.tree_utils.tree_map_params(tx, lambda _, d: d, opt_state, train_div,
                                                transform_non_params=lambda _: 1)
     optimizer_bytes = sum(-(-_nbytes(x.shape, x.dtype) // d)

@@ -5,8 +5,11 @@ topology (``l2d_jax.aot``) and, for a program that does not fit, walks a ladder 
 from the smallest up, compiling each until one fits (the ``suggestion``, verified):
 
 - train: full remat; the data axis turned into fsdp (parameters, gradients and optimizer
-  state sharded); both; then halving the micro batch (more accumulation steps, same
-  optimizer step); then tensor parallelism.
+  state sharded; with ``SHARD_FLOW``, so that the flow path's own matrices are sharded too);
+  both; then halving the micro batch (more accumulation steps, same optimizer step); then
+  tensor parallelism.
+- The analytic plan (no topology, ``l2d_jax.plan_launch``) walks the same train ladder,
+  comparing the analytic per-device total with the budget instead of compiling.
 - generate: tensor parallelism over the heads (the largest size dividing the devices and
   the KV heads); then halving the evaluation batch.
 
@@ -34,6 +37,19 @@ SKIP_ABOVE = 1.5  # candidates estimated above this x HBM are not compiled
 SLICES = ("v5p:2x2x1", "v5e:2x4", "v4:2x2x1", "v6e:2x4")  # 8-chip-class slices (v5p-8, v5e-8, v4-8, v6e-8)
 
 
+# The flow path's own matrices (modulation heads, token embedder, LoRA factors; logical axes
+# flow_in / flow_out) are replicated by default (sharding.RULES). Once the parameters are
+# sharded over fsdp they are the largest replicated part left (Llama-3.1-8B: ~0.2 B parameters,
+# 0.75 GiB float32 + 1.5 GiB of Adam moments per device), so the sharding rungs shard them too.
+SHARD_FLOW = {"sharding_rules.flow_in": "fsdp", "sharding_rules.flow_out": "tensor"}
+
+
+def _shard_flow(cfg) -> dict:
+    """``SHARD_FLOW`` minus the rules the config already sets."""
+    rules = dict(cfg.get("sharding_rules") or {})
+    return {k: v for k, v in SHARD_FLOW.items() if k.split(".", 1)[1] not in rules}
+
+
 def _flags(overrides: Mapping) -> str:
     parts = []
     for key, value in overrides.items():
@@ -47,12 +63,31 @@ def _flags(overrides: Mapping) -> str:
     return " ".join(parts)
 
 
+def config_overrides(overrides: Mapping) -> list[str]:
+    """A train ladder change as ``--config.KEY=VALUE`` arguments, one per item (the mesh as
+    all three ``--config.mesh.*`` sizes): what ``l2d-jax plan --emit-overrides`` writes."""
+    out = []
+    for key, value in overrides.items():
+        if key in ("gen_mesh", "gen_batch"):
+            raise ValueError(f"{key} is an evaluation flag, not a training config override")
+        if key == "mesh":
+            out += [f"--config.mesh.{k}={int(value[k])}" for k in ("data", "fsdp", "tensor")]
+        else:
+            out.append(f"--config.{key}={value}")
+    return out
+
+
 def _with(cfg, overrides: Mapping):
+    """A copy of ``cfg`` with a ladder change applied (``mesh``: axis sizes; dotted keys such
+    as ``sharding_rules.flow_in``: one entry of a sub-dict)."""
     out = copy.deepcopy(cfg)
     for key, value in overrides.items():
         if key == "mesh":
             for k, v in value.items():
                 out.mesh[k] = v
+        elif "." in key:
+            parent, name = key.split(".", 1)
+            out[parent] = {**dict(out.get(parent) or {}), name: value}
         else:
             out[key] = value
     if overrides.get("remat_policy") not in (None, "none"):
@@ -72,6 +107,8 @@ def train_candidates(cfg, num_devices: int, heads: tuple[int, int]) -> Iterator[
     dp = mesh["data"] * mesh["fsdp"]
     full = {} if remat_policy(cfg) == "full" else {"remat_policy": "full"}
     sharded = {"mesh": dict(mesh, data=1, fsdp=dp)} if mesh["data"] > 1 else {}
+    if dp > 1:
+        sharded.update(_shard_flow(cfg))
     seen = []
     for c in (full, sharded, {**sharded, **full}):
         if c and c not in seen:
@@ -91,7 +128,7 @@ def train_candidates(cfg, num_devices: int, heads: tuple[int, int]) -> Iterator[
         rest = num_devices // tensor
         if n_step % (micro * rest):
             continue
-        yield {**full, "mesh": {"data": 1, "fsdp": rest, "tensor": tensor}}
+        yield {**full, "mesh": {"data": 1, "fsdp": rest, "tensor": tensor}, **_shard_flow(cfg)}
 
 
 def generate_candidates(shape: aot.GenerationShape, num_devices: int, heads: tuple[int, int]) -> Iterator[dict]:
@@ -118,14 +155,16 @@ def _estimate_train(cfg, preset, seq_len) -> float:
         return math.inf
 
 
-def _search(candidates, build, estimate, topo: aot.Topology) -> dict:
-    """The first candidate that compiles and fits; ``tried`` lists the others."""
+def _search(candidates, build, estimate, hbm_bytes: int, max_tries: int | None = MAX_TRIES) -> dict:
+    """The first candidate that ``build`` says fits (a compile, or the analytic plan);
+    ``tried`` lists the others. ``estimate``: analytic bytes (None: unknown) that skip a
+    candidate above ``SKIP_ABOVE`` x ``hbm_bytes`` unbuilt; ``max_tries``: builds at most."""
     tried = []
     for overrides in candidates:
-        if len(tried) >= MAX_TRIES:
+        if max_tries is not None and len(tried) >= max_tries:
             break
         est = estimate(overrides)
-        if est is not None and est > SKIP_ABOVE * topo.hbm_bytes_per_device:
+        if est is not None and est > SKIP_ABOVE * hbm_bytes:
             continue
         report = build(overrides)
         entry = {"overrides": overrides, "flags": _flags(overrides), "fits": report["fits"],
@@ -166,7 +205,7 @@ def aot_report(cfg, bench, topo: aot.Topology, *, preset: str | None = None, seq
         train = build({})
         if not train["fits"] and suggest:
             train["suggestion"] = _search(train_candidates(cfg, topo.num_devices, heads), build,
-                                          lambda o: _estimate_train(_with(cfg, o), preset, seq_len), topo)
+                                          lambda o: _estimate_train(_with(cfg, o), preset, seq_len), topo.hbm_bytes_per_device)
         out["train"] = train
     if "generate" in programs:
         shape = aot.GenerationShape.from_benchmark(bench, topo.num_devices, **dict(generation or {}))
@@ -184,7 +223,7 @@ def aot_report(cfg, bench, topo: aot.Topology, *, preset: str | None = None, seq
                         "steps": shape.steps, "mesh": dict(shape.mesh)}
         if not gen["fits"] and suggest:
             gen["suggestion"] = _search(generate_candidates(shape, topo.num_devices, heads), build_gen,
-                                        lambda o: None, topo)
+                                        lambda o: None, topo.hbm_bytes_per_device)
         out["generate"] = gen
     return out
 

@@ -178,9 +178,10 @@ def test_decode_loop_never_gathers_tensor_sharded_weights(gen_mesh, gathers_weig
 def test_out_of_memory_gives_fits_false_and_a_verified_change(capsys, tmp_path):
     """A budget below the step's peak (--hbm-gib): not a crash but fits: false, the shortfall,
     and the first change of the ladder that compiles within the budget."""
+    emitted = tmp_path / "overrides.txt"
     code, p, out = _plan(capsys, tmp_path, "--aot-topology", "v5e:2x2", "--mesh", "data=4,fsdp=1,tensor=1",
                          "--config.micro_batch_size=2", "--config.n_samples_before_backprop=16",
-                         "--programs", "train", "--hbm-gib", "0.004")
+                         "--programs", "train", "--hbm-gib", "0.004", "--emit-overrides", str(emitted))
     assert code == 0, out
     r = p["aot"]["train"]
     assert r["fits"] is False and r["oom"]["shortfall_bytes"] > 0
@@ -188,11 +189,28 @@ def test_out_of_memory_gives_fits_false_and_a_verified_change(capsys, tmp_path):
     assert s["fits"] is True and s["overrides"], s
     assert s["peak_bytes"] <= p["aot"]["hbm_bytes_per_device"] < r["peak_bytes"]
     assert "fits with:" in out and s["flags"] in out
-    # --require-fit turns "does not fit" into exit code 3 (launch scripts refuse the run)
+    # --emit-overrides: the verified change as --config lines a launcher appends to `train`
+    lines = emitted.read_text().splitlines()
+    assert lines and all(x.startswith("--config.") for x in lines)
+    if "mesh" in s["overrides"]:
+        assert {f"--config.mesh.{k}={v}" for k, v in s["overrides"]["mesh"].items()} <= set(lines)
+    from l2d_jax import config as config_lib, plan_tpu
+
+    given = ["mesh.data=4", "micro_batch_size=2", "n_samples_before_backprop=16"]
+    launched = config_lib.load_config(TINY, [*given, *(x[len("--config."):] for x in lines)], validate=False)
+    compiled = plan_tpu._with(config_lib.load_config(TINY, given, validate=False), s["overrides"])
+    for key in ("mesh", "sharding_rules", "remat_policy", "micro_batch_size"):
+        assert launched.to_dict()[key] == compiled.to_dict()[key], key
+    # the roofline epoch time of the suggestion, labelled as a lower bound
+    assert p["epoch"]["roofline_epoch_s"] == pytest.approx(s["roofline_step_s"] * p["epoch"]["steps_per_epoch"])
+    assert "roofline lower bound" in out
+    # --require-fit turns "does not fit" into exit code 3 (launch scripts refuse the run), and
+    # --emit-overrides writes nothing when nothing fits
     code, _, _ = _plan(capsys, tmp_path, "--aot-topology", "v5e:2x2", "--mesh", "data=4,fsdp=1,tensor=1",
                        "--config.micro_batch_size=2", "--config.n_samples_before_backprop=16",
-                       "--programs", "train", "--hbm-gib", "0.004", "--no-suggest", "--require-fit")
-    assert code == 3
+                       "--programs", "train", "--hbm-gib", "0.004", "--no-suggest", "--require-fit",
+                       "--emit-overrides", str(emitted))
+    assert code == 3 and not emitted.exists()
 
 
 def test_generation_that_does_not_fit_gets_a_mesh_and_batch_that_do(capsys, tmp_path):
