@@ -95,21 +95,41 @@ def _run_convert_l2d_torch(args) -> int:
 
 def _add_convert_export(kinds) -> None:
     p = kinds.add_parser(
-        "export", help="a converted L2D checkpoint -> the original's state_dict file",
-        description="Write the original PyTorch L2D's full state_dict (original names, aliases as "
-                    "separate copies) of a converted L2D checkpoint: .safetensors, or .bin/.pt via torch.")
-    p.add_argument("ckpt", metavar="CKPT_DIR")
-    p.add_argument("out", metavar="OUT_FILE")
+        "export", help="an L2D model (training workdir or converted checkpoint) -> files the original "
+                       "PyTorch L2D loads",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write an L2D model for the original PyTorch code (SakanaAI/L2D 456871e, "
+                    "transformers 4.46.3):\n"
+                    "  the full state_dict (original names; shared tensors as separate copies),\n"
+                    "  l2d_settings.json (the constructor arguments), base_config.json (the base's HF\n"
+                    "  config) and README.md (how to load them), tensor by tensor (never a float32\n"
+                    "  copy of the whole model).\n\n"
+                    "SRC: a training workdir (its export/, else its newest checkpoints/<step>),\n"
+                    "  WORKDIR/export, WORKDIR/checkpoints/<step>, or a directory written by\n"
+                    "  `convert l2d-torch`.\n"
+                    "OUT: a directory (created): OUT/l2d_state.safetensors (or .bin / .pt, --format),\n"
+                    "  OUT/l2d_settings.json, OUT/base_config.json, OUT/README.md; or a file name\n"
+                    "  NAME.safetensors / NAME.bin / NAME.pt: the others beside it as\n"
+                    "  NAME.l2d_settings.json, NAME.base_config.json, NAME.README.md.\n"
+                    "  Local or gs://. .bin / .pt need torch.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--format", choices=("safetensors", "bin", "pt"), default=None,
+                   help="state file format when OUT is a directory (default: safetensors)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype (default: float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     p.set_defaults(func=_run_convert_export)
 
 
 def _run_convert_export(args) -> int:
-    from l2d_jax.convert.loading import export_checkpoint
+    from l2d_jax.convert.export import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    result = export_checkpoint(args.src, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite)
+    if result.training_checkpoint:
+        print(f"note: exported the training checkpoint {result.source} (the run has no export/ yet)",
+              file=sys.stderr)
+    print(f"wrote {result.files.state} ({result.tensors} tensors, {args.dtype}), {result.files.settings.name}, "
+          f"{result.files.base_config.name}, {result.files.readme.name} (how to load it)")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""``l2d-jax convert l2d-torch`` / ``convert export``: original PyTorch L2D checkpoints (safetensors,
-.bin, the training's save_pretrained directory in bf16) and settings (JSON, original .cfg)."""
+"""``l2d-jax convert l2d-torch``: original PyTorch L2D checkpoints (safetensors, .bin, the
+training's save_pretrained directory in bf16) and settings (JSON, original .cfg); ``convert export``
+is tested in test_export.py."""
 
 from __future__ import annotations
 
@@ -150,45 +151,6 @@ def test_bf16_state_dir_with_a_different_base_tensor_fails(tmp_path, capsys):
     code = _convert(state_dir, d / "base", d / "l2d_settings.json", tmp_path / "out")
     err = capsys.readouterr().err
     assert code == 2 and name in err and not (tmp_path / "out").exists()
-
-
-# --------------------------------------------------------------------------- export
-
-
-def test_export_round_trip(converted, tmp_path, capsys):
-    d = _set("llama_tied")
-    ref = load_file(str(d / "l2d_state.safetensors"))
-    out = tmp_path / "exported.safetensors"
-    assert cli.main(["convert", "export", str(converted["llama_tied"]), str(out)]) == 0
-    got = load_file(str(out))
-    assert set(got) == set(ref) and all(got[k].dtype == np.float32 and np.array_equal(got[k], v)
-                                        for k, v in ref.items())
-    assert cli.main(["convert", "export", str(converted["llama_tied"]), str(tmp_path / "bf16.safetensors"),
-                     "--dtype", "bfloat16"]) == 0
-    got = load_file(str(tmp_path / "bf16.safetensors"))
-    assert all(got[k].dtype == ml_dtypes.bfloat16 and np.array_equal(got[k], v.astype(ml_dtypes.bfloat16))
-               for k, v in ref.items())
-    # the exported file converts back to the same checkpoint
-    assert _convert(out, d / "base", d / "l2d_settings.json", tmp_path / "again") == 0
-    again, _ = load_l2d(tmp_path / "again")
-    assert all(np.array_equal(v, ref[k]) for k, v in export_original_state(again).items())
-    # an existing file is not replaced without --overwrite
-    capsys.readouterr()
-    assert cli.main(["convert", "export", str(converted["llama_tied"]), str(out)]) == 2
-    assert "exists" in capsys.readouterr().err
-
-
-def test_export_bin(converted, tmp_path):
-    torch = pytest.importorskip("torch")
-    d = _set("llama_lora")
-    ref = load_file(str(d / "l2d_state.safetensors"))
-    out = tmp_path / "exported.bin"
-    assert cli.main(["convert", "export", str(converted["llama_lora"]), str(out)]) == 0
-    got = torch.load(out, weights_only=True)
-    assert set(got) == set(ref)
-    assert all(np.array_equal(got[k].numpy(), v) for k, v in ref.items())
-    ptrs = {got[k].untyped_storage().data_ptr() for k in got}
-    assert len(ptrs) == len(got)  # aliases are separate copies
 
 
 # --------------------------------------------------------------------------- .cfg settings

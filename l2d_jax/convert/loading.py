@@ -3,8 +3,8 @@ L2D checkpoint, training workdir, hub id.
 
 - ``load(path)`` -> (LLM or L2DModel, tokenizer or None); ``load_any(spec)`` also takes
   training workdirs and hub ids; ``convert(kind, src, out_dir)`` writes the checkpoint layout
-  of ``l2d_jax.checkpoint`` from an HF directory or a GGUF file; ``export_checkpoint`` writes
-  an L2D checkpoint in the original's state_dict names.
+  of ``l2d_jax.checkpoint`` from an HF directory or a GGUF file (``convert/export.py`` writes
+  an L2D model for the original code).
 - configs' model sources: ``resolve_model_path``, ``load_tokenizer``, ``build_base(cfg)``
   (``random:tiny``, ``smollm2-gguf``, a local path, or a Hugging Face Hub id; gated hub
   models need the licence accepted and ``HF_TOKEN`` or ``hf auth login``).
@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -40,8 +39,7 @@ from l2d_jax.checkpoint import MANIFEST, WORKDIR_CHECKPOINTS as CHECKPOINTS, WOR
 from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF, TINY_HF_CONFIG, ConfigError, tiny_tokenizer
 from l2d_jax.convert.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path
 from l2d_jax.convert.hf import load_hf, local_tokenizer
-from l2d_jax.convert.original import STATE_SUFFIXES, settings_from_constructor_dict
-from l2d_jax.convert.original_names import export_original_state
+from l2d_jax.convert.original import settings_from_constructor_dict
 from l2d_jax.errors import L2DError, UsageError
 from l2d_jax.models.l2d import abstract_l2d
 from l2d_jax.models.llm import LLM, LLMConfig
@@ -259,58 +257,6 @@ def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: s
         pure[part] = checkpoint.restore_params(ckpt_dir, part, target[part])
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), local_tokenizer(ckpt_dir)
-
-
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *,
-                      dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Writes the original's full state_dict (original names; aliases as separate copies)
-    of a converted L2D checkpoint: ``.safetensors``, or ``.bin`` / ``.pt`` via torch."""
-    if dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    out = Path(out_file)
-    suffix = out.suffix.lower()
-    if suffix not in STATE_SUFFIXES:
-        raise L2DError(f"output {out}: use a {', '.join(STATE_SUFFIXES)} file name")
-    if out.exists() and not overwrite:
-        raise L2DError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist")
-    if suffix != ".safetensors":
-        _require_torch(out)
-    model, _ = load_l2d(ckpt_dir)
-    tensors = {k: np.array(v, copy=True) for k, v in export_original_state(model, dtype).items()}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        else:
-            import torch
-
-            torch.save({k: _numpy_to_torch(v) for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _require_torch(path: Path) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise L2DError(f"writing {path} needs torch (pip install 'l2d-jax[torch]'); "
-                       "or write .safetensors") from None
-
-
-def _numpy_to_torch(a: np.ndarray):
-    import ml_dtypes
-    import torch
-
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 # --------------------------------------------------------------------------- training workdirs

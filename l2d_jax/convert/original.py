@@ -175,6 +175,17 @@ def settings_from_constructor_dict(d: Mapping, info: SettingsInfo | None = None)
     return L2DSettings.from_dict(d)
 
 
+def constructor_dict_from_settings(settings: L2DSettings) -> dict:
+    """The reverse of ``settings_from_constructor_dict``: the keyword arguments of the original
+    ``FlowLlamaForCausalLM`` / ``FlowQwen2ForCausalLM`` besides ``model_or_model_id`` and
+    ``model_loading_kwargs`` (JSON-ready), with ``ode_kwargs.options`` as the original's
+    ``build_ode_solver`` sets it for adaptive solvers."""
+    d = settings.to_dict()
+    if d["ode_kwargs"].get("method") in solvers.ADAPTIVE_METHODS:
+        d["ode_kwargs"] = {**d["ode_kwargs"], "options": {"first_step": 0.05}}
+    return d
+
+
 # The original training CLI (training.py get_custom_arguments): key -> (type, default).
 _B, _I, _F, _S = "bool", "int", "float", "str"
 TRAINING_CLI_SETTINGS: dict[str, tuple[str, Any]] = {

@@ -9,13 +9,14 @@ and export both walk this one table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import functools
+from typing import Callable, Mapping
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
-from l2d_jax.convert.names import get_param, hf_to_path, set_params
+from l2d_jax.convert.names import get_param, hf_to_path, set_params, stacked_path
 from l2d_jax.models.llm import LLMConfig
 from l2d_jax.errors import L2DError
 from l2d_jax.settings import L2DSettings
@@ -168,17 +169,56 @@ def same_base_tensor(ours, stored) -> bool:
     return bool(np.array_equal(ours.astype(np.float32), stored.astype(np.float32)))
 
 
-def export_original_state(model, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """The original's full state_dict (aliases as separate copies), original names."""
+@dataclasses.dataclass(frozen=True)
+class OriginalTensor:
+    """One key of the original state_dict as an export writes it."""
+
+    name: str
+    source: Entry  # the entry holding the values (an alias's target: aliases are copies)
+    shape: tuple  # in the original's layout
+    dtype: str
+
+
+def original_tensors(model, dtype: str = "float32") -> list[OriginalTensor]:
+    """Every key of the original state_dict of ``model`` (L2DModel), in order, with its shape
+    in the original and the export ``dtype``; no data is read."""
     pure = nnx.to_pure_dict(nnx.state(model))
-    out: dict[str, np.ndarray] = {}
-    for e in original_names(model.settings, model.cfg):
-        if e.alias_of is not None:
-            out[e.name] = out[e.alias_of]
-            continue
-        value = np.asarray(jnp.asarray(get_param(pure, e.path)).astype(jnp.float32))
-        out[e.name] = np.ascontiguousarray(value.T if e.transpose else value)
-    if dtype != "float32":
-        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-        out = {k: v.astype(dtype) for k, v in out.items()}
+    entries = original_names(model.settings, model.cfg)
+    by_name = {e.name: e for e in entries}
+    out = []
+    for e in entries:
+        src = by_name[e.alias_of] if e.alias_of else e
+        shape = tuple(get_param(pure, src.path).shape)  # one layer's shape for a stacked leaf
+        out.append(OriginalTensor(e.name, src, shape[::-1] if src.transpose else shape, dtype))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
+def _original_layout(x, layer, *, dtype: str, transpose: bool):
+    if layer is not None:
+        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+    x = x.astype(dtype)
+    return x.T if transpose else x
+
+
+def tensor_reader(model) -> Callable[[OriginalTensor], np.ndarray]:
+    """``read(tensor)``: one tensor of ``original_tensors(model)`` as a host array, sliced,
+    cast and transposed where the model's arrays live (sharded arrays stay sharded until
+    the one result is copied to the host). An alias is read again each time, not cached."""
+    pure = nnx.to_pure_dict(nnx.state(model))
+
+    def read(t: OriginalTensor) -> np.ndarray:
+        stacked, layer = stacked_path(t.source.path)
+        out = np.asarray(_original_layout(get_param(pure, stacked), layer, dtype=t.dtype,
+                                          transpose=t.source.transpose))
+        assert out.shape == t.shape, (t.name, out.shape, t.shape)
+        return out
+
+    return read
+
+
+def export_original_state(model, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The original's full state_dict (aliases as separate copies), original names, in host
+    memory (``convert/export.py`` streams the same tensors to a file instead)."""
+    read = tensor_reader(model)
+    return {t.name: read(t) for t in original_tensors(model, dtype)}
