@@ -130,7 +130,6 @@ def test_checkpoint_sizes_match_a_real_runs_files(tmp_path):
     """One tiny run (base in bfloat16 as the released configs keep it): the planned bytes equal
     what the run's training checkpoint and export hold, and what convert export writes."""
     from l2d_jax import cli, config as config_lib, plan_launch
-    from l2d_jax.convert.loading import export_checkpoint
 
     overrides = ["--config.n_training_steps=1", "--config.validate_interval=1", "--config.save_model_interval=1",
                  "--config.compute_nstep_loss=-1", "--config.param_dtype=bfloat16"]
@@ -153,7 +152,8 @@ def test_checkpoint_sizes_match_a_real_runs_files(tmp_path):
     assert sizes["export_bytes"] <= on_disk <= sizes["export_bytes"] + 160 * 1024
 
     for dtype in ("float32", "bfloat16"):
-        out = export_checkpoint(wd / "export", tmp_path / f"sd_{dtype}.safetensors", dtype=dtype)
+        out = tmp_path / f"sd_{dtype}.safetensors"
+        assert cli.main(["convert", "export", str(wd / "export"), str(out), "--dtype", dtype]) == 0
         raw = out.read_bytes()
         (header_len,) = struct.unpack("<Q", raw[:8])
         assert len(raw) - 8 - header_len == sizes["original_state_dict_bytes"][dtype]
