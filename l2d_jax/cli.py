@@ -481,10 +481,10 @@ def _run_generate(args) -> int:
                            mesh=args.mesh)
     if not distributed.is_main_process():
         return 0
-    if args.jsonl:
-        with open(args.jsonl, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    if args.jsonl:  # a local path or gs://...
+        from l2d_jax import storage
+
+        storage.atomic_write(args.jsonl, "".join(json.dumps(r) + "\n" for r in records))
     for r in records:
         print(f"### {r['prompt']}\n{r['completion']}\n[{r['new_tokens']} tokens, "
               f"{r['nfe_per_token']:.1f} NFE/token, {r['seconds']:.2f} s]\n")

@@ -21,6 +21,9 @@ are committed by a marker written last (orbax's ``commit_success.txt``, our mani
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import logging
 import os
 import re
 import shutil
@@ -31,6 +34,8 @@ from pathlib import Path
 from etils import epath
 
 from l2d_jax.errors import L2DError
+
+log = logging.getLogger("l2d_jax.storage")
 
 PathLike = str | os.PathLike
 # schemes epath can open, and the subset orbax can write arrays to (tensorstore gcs driver)
@@ -173,6 +178,14 @@ class Mirror:
         self.local = Path(self._tmp) if self._tmp is not None else Path(as_path(path))
         self._sent: dict[str, tuple[int, int]] = {}
 
+    def pull(self) -> None:
+        """Downloads the remote directory's files into ``local`` (they count as synced)."""
+        if self.remote is None or not self.remote.is_dir():
+            return
+        copy_tree(self.remote, self.local)
+        self._sent = {f.relative_to(self.local).as_posix(): (f.stat().st_size, f.stat().st_mtime_ns)
+                      for f in self.local.rglob("*") if f.is_file()}
+
     def sync(self) -> None:
         """Uploads every file of ``local`` whose size or mtime changed since the last sync."""
         if self.remote is None or not self.local.is_dir():
@@ -198,3 +211,51 @@ def native(path: PathLike) -> Path | epath.Path:
     """``path`` for handing back to callers: a ``pathlib.Path`` when local (as before URIs were
     supported), an ``epath.Path`` for a URI (``pathlib`` would fold ``gs://`` into ``gs:/``)."""
     return as_path(path) if is_remote(path) else Path(os.fspath(path)).expanduser()
+
+
+@contextlib.contextmanager
+def synced_dir(path: PathLike) -> Iterator[Path]:
+    """A local working copy of directory ``path``: itself when local; for a URI, a temporary
+    directory holding the remote files, whose new and changed files are uploaded when the
+    block ends, also on an error (so that a resumable job keeps its progress)."""
+    if not is_remote(path):
+        yield Path(as_path(path))
+        return
+    mirror = Mirror(path)
+    mirror.pull()
+    try:
+        yield mirror.local
+    except BaseException:
+        try:
+            mirror.close()
+        except Exception as e:  # noqa: BLE001 - keep the original error
+            log.warning("could not upload the partial results to %s: %s", os.fspath(path), e)
+        raise
+    mirror.close()
+
+
+def local_working_copy(arg: str):
+    """Decorator: when the function's directory argument ``arg`` is a URI, the function runs on
+    ``synced_dir(arg)`` (a local copy uploaded at the end); a returned dict's ``arg`` entry
+    names the URI again. For functions written against local files (resumable outputs)."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            path = bound.arguments.get(arg)
+            if path is None or not is_remote(path):
+                return fn(*args, **kwargs)
+            as_path(path)  # an unsupported scheme fails here
+            with synced_dir(path) as local:
+                bound.arguments[arg] = local
+                out = fn(*bound.args, **bound.kwargs)
+            if isinstance(out, dict) and arg in out:
+                out = {**out, arg: os.fspath(path)}
+            return out
+
+        return wrapper
+
+    return deco

@@ -19,8 +19,10 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -232,3 +234,106 @@ def test_converted_checkpoint_round_trip_and_overwrite(gcs):
     assert _objects(ckpt + "/") == []
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.read_manifest(ckpt)
+
+
+# --------------------------------------------------------------------------- end to end (slow)
+
+FIX = Path(__file__).resolve().parent / "fixtures"
+TINY = str(REPO / "configs" / "tiny_test.py")
+
+
+def _read(uri: str) -> str:
+    return storage.as_path(uri).read_text()
+
+
+@pytest.mark.slow
+def test_train_eval_generate_and_load_with_every_path_in_the_bucket(gcs, capsys):
+    """``l2d-jax train --workdir gs://...`` (4 steps of configs/tiny_test.py), ``l2d-jax eval
+    --ckpt gs://WORKDIR --out gs://...``, ``l2d-jax generate gs://WORKDIR --jsonl gs://...``,
+    and the export loaded from the bucket equals the final checkpoint's trained parameters."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from l2d_jax import cli
+    from l2d_jax.convert import loading
+
+    wd = f"{gcs}/runs/tiny"
+    assert cli.main(["train", "--config", TINY, "--workdir", wd, "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert f"workdir {wd}; exported to {wd}/export" in out.out, out.err[-3000:]
+    names = set(_objects(wd + "/"))
+    for name in ("config.json", "data_stats.json", "metrics.jsonl", "export/l2d_jax.json",
+                 "export/base/commit_success.txt", "export/flow/commit_success.txt",
+                 "export/tokenizer/tokenizer.json", "checkpoints/2/commit_success.txt",
+                 "checkpoints/4/state/commit_success.txt"):
+        assert f"runs/tiny/{name}" in names, name
+    assert any(n.startswith("runs/tiny/tensorboard/events.out.tfevents.") for n in names)
+    lines = [json.loads(x) for x in _read(f"{wd}/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in lines if "val_loss" in r] == [2, 4]
+    assert json.loads(_read(f"{wd}/config.json"))["n_training_steps"] == 4
+    assert loading.latest_export_or_checkpoint(wd) == storage.as_path(f"{wd}/export")
+
+    # the export (a converted checkpoint in the bucket) holds the final checkpoint's weights
+    exported, tok, desc = loading.load_any(wd)
+    assert desc["kind"] == "l2d" and desc["resolved"] == f"{wd}/export" and tok is not None
+    from_ckpt, _, _ = loading.load_any(f"{wd}/checkpoints/4")
+    a = nnx.to_pure_dict(nnx.state(exported.flow, nnx.Param))
+    b = nnx.to_pure_dict(nnx.state(from_ckpt.flow, nnx.Param))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    ev = f"{gcs}/eval/tiny"
+    opts = {"gsm8k": {"source": str(FIX / "gsm8k_test.jsonl"), "shots_source": str(FIX / "gsm8k_train.jsonl")}}
+    argv = ["eval", "--config", str(REPO / "configs" / "benchmark.py"), "--ckpt", wd, "--steps", "0,2",
+            "--out", ev, "--limit", "2", "--tasks", "gsm8k", "--batch-size", "2", "--no-progress",
+            f"--config.task_options={opts!r}", "--config.dtype=float32", "--config.param_dtype=float32",
+            "--config.generation_max_len=4"]
+    assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
+    names = set(_objects(ev + "/"))
+    for name in ("results.json", "results.md", "accuracy_vs_steps.png", "run.json",
+                 "completions/gsm8k_base.jsonl", "completions/gsm8k_2.jsonl"):
+        assert f"eval/tiny/{name}" in names, name
+    res = json.loads(_read(f"{ev}/results.json"))
+    assert res["tasks"]["gsm8k"]["2"]["n"] == 2 and res["config"]["model"] == wd
+    assert cli.main(["eval", "--rescore", "--out", ev]) == 0  # reads the completions back from the bucket
+
+    gen = f"{gcs}/gen/out.jsonl"
+    assert cli.main(["generate", wd, "--prompt", "What is 2 + 3?", "--steps", "2", "--max-new-tokens", "3",
+                     "--jsonl", gen]) == 0
+    rows = [json.loads(x) for x in _read(gen).splitlines()]
+    assert len(rows) == 1 and rows[0]["prompt"] == "What is 2 + 3?" and rows[0]["new_tokens"] <= 3
+
+
+def _spawn_train(wd: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))  # the emulator's variables too
+    args = [sys.executable, "-m", "l2d_jax.cli", "train", "--config", TINY, "--workdir", wd, "--no-progress",
+            "--config.n_training_steps=8", "--config.validate_interval=2", "--config.save_model_interval=2",
+            "--config.keep_checkpoints=3", "--config.compute_nstep_loss=0"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_with_the_workdir_in_the_bucket(gcs):
+    wd = f"{gcs}/runs/preempted"
+    proc = _spawn_train(wd)
+    t0 = time.time()
+    while f"runs/preempted/checkpoints/2/commit_success.txt" not in _objects(wd + "/"):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < 600, "no checkpoint after 10 minutes"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-3000:]
+    saved = {int(n.split("/")[3]) for n in _objects(wd + "/checkpoints/") if n.endswith("/commit_success.txt")
+             and n.count("/") == 4}
+    assert saved and max(saved) >= 2 and 8 not in saved
+    proc = _spawn_train(wd)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resumed from {wd}/checkpoints/{max(saved)}" in err
+    steps = [json.loads(x)["step"] for x in _read(f"{wd}/metrics.jsonl").splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 9))  # one clean run: the steps redone after the resume appear once
+    assert f"runs/preempted/export/l2d_jax.json" in _objects(wd + "/export/")

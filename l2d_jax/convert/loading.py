@@ -19,6 +19,9 @@ parameter the rules split (a whole copy of one they replicate), so no device nee
 the whole model. Without a mesh, everything lands on ``jax.local_devices()[0]``. One
 exception: the ``random:tiny`` base (a fixed toy) is built on the default device exactly as
 training builds it, then placed (``build_base``).
+
+Converted checkpoints, exports and training workdirs may also be read from ``gs://``
+(``l2d_jax.storage``); HF directories and GGUF files are read from local disk only.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from l2d_jax import checkpoint, config as config_lib
-from l2d_jax.checkpoint import MANIFEST, WORKDIR_CHECKPOINTS as CHECKPOINTS, WORKDIR_CONFIG as CONFIG_JSON, \
+from l2d_jax import checkpoint, config as config_lib, storage
+from l2d_jax.checkpoint import TOKENIZER_DIR, MANIFEST, WORKDIR_CHECKPOINTS as CHECKPOINTS, WORKDIR_CONFIG as CONFIG_JSON, \
     WORKDIR_EXPORT as EXPORT, local_abstract_tree, per_layer_target, stacked_onto
 from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF, TINY_HF_CONFIG, ConfigError, tiny_tokenizer
 from l2d_jax.convert.gguf import gguf_tokenizer, load_gguf, smollm2_gguf_path
@@ -50,6 +53,12 @@ CONVERT_KINDS = ("hf", "gguf")
 
 def source_kind(path: str | os.PathLike) -> str:
     """"gguf" (a .gguf file), "converted" (has l2d_jax.json) or "hf" (has config.json)."""
+    if storage.is_remote(path):
+        if (storage.as_path(path, arrays=True) / checkpoint.MANIFEST).is_file():
+            return "converted"
+        raise L2DError(f"{path} is not a converted l2d-jax checkpoint (no {checkpoint.MANIFEST}); from a "
+                       "bucket only converted checkpoints and training workdirs load: copy HF / GGUF "
+                       "models to local disk (or convert them there and upload the result)")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
@@ -126,7 +135,19 @@ def source_tokenizer(path: str | os.PathLike):
     """The tokenizer of an HF dir, a .gguf file or a converted dir; None when there is none."""
     if source_kind(path) == "gguf":
         return gguf_tokenizer(path)
-    return local_tokenizer(path)
+    return _local_or_remote_tokenizer(path)
+
+
+def _local_or_remote_tokenizer(directory: str | os.PathLike):
+    """``local_tokenizer`` of a directory (an HF one or a converted checkpoint), which may be
+    in a bucket: then its ``tokenizer/`` is downloaded to a temporary directory first."""
+    if not storage.is_remote(directory):
+        return local_tokenizer(directory)
+    tok_dir = storage.as_path(directory) / TOKENIZER_DIR
+    if not tok_dir.is_dir():
+        return None
+    with storage.local_dir(tok_dir) as local:
+        return local_tokenizer(local)
 
 
 def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -256,23 +277,24 @@ def load_l2d(ckpt_dir: str | os.PathLike, dtype: str = "float32", param_dtype: s
     for part in ("base", "flow"):
         pure[part] = checkpoint.restore_params(ckpt_dir, part, target[part])
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), local_tokenizer(ckpt_dir)
+    return nnx.merge(graphdef, state), _local_or_remote_tokenizer(ckpt_dir)
 
 
 # --------------------------------------------------------------------------- training workdirs
 
 
 def latest_export_or_checkpoint(workdir: str | os.PathLike) -> Path:
-    """What generation / evaluation should load for a training WORKDIR: ``WORKDIR/export``
-    when the run finished (a converted ``l2d`` checkpoint), else the newest training
-    checkpoint ``WORKDIR/checkpoints/<step>``. Raises L2DError when there is neither."""
-    wd = Path(workdir)
+    """What generation / evaluation should load for a training WORKDIR (local or ``gs://``):
+    ``WORKDIR/export`` when the run finished (a converted ``l2d`` checkpoint), else the newest
+    training checkpoint ``WORKDIR/checkpoints/<step>``. Raises L2DError when there is neither."""
+    wd = storage.as_path(workdir, arrays=True)
     if (wd / EXPORT / MANIFEST).is_file():
-        return wd / EXPORT
-    steps = sorted((int(p.name) for p in (wd / CHECKPOINTS).glob("*") if p.name.isdigit()
+        return storage.native(wd / EXPORT)
+    ckpts = wd / CHECKPOINTS
+    steps = sorted((int(p.name) for p in (ckpts.iterdir() if ckpts.is_dir() else ()) if p.name.isdigit()
                     and (p / "state").is_dir()), reverse=True)
     if steps:
-        return wd / CHECKPOINTS / str(steps[0])
+        return storage.native(wd / CHECKPOINTS / str(steps[0]))
     raise L2DError(f"{wd} holds neither an export ({EXPORT}/{MANIFEST}) nor a training checkpoint "
                    f"({CHECKPOINTS}/<step>/)")
 
@@ -284,9 +306,9 @@ def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: s
     the trained parameters read from the checkpoint's state (not its optimizer state). With
     ``mesh``, sharded on it as ``rules`` say: an export through ``load_l2d``, a checkpoint's
     trained parameters restored straight onto their shardings."""
-    p = Path(path)
+    p = storage.as_path(path, arrays=True)
     if (p / CONFIG_JSON).is_file() and not (p / MANIFEST).is_file():
-        p = latest_export_or_checkpoint(p)
+        p = storage.as_path(latest_export_or_checkpoint(p))
     if (p / MANIFEST).is_file():
         return load_l2d(p, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     if not (p / "state").is_dir() or not (p.parent.parent / CONFIG_JSON).is_file():
@@ -299,14 +321,14 @@ def load_trained(path: str | os.PathLike, dtype: str = "float32", param_dtype: s
     pure = nnx.to_pure_dict(state)
     target = _targets(pure, None if mesh is None else param_shardings(state, mesh, rules))
     pure["base"] = nnx.to_pure_dict(nnx.state(base))
-    pure.update(_restore_trained((p / "state").absolute(), target))  # "flow", and "base" if it trained
+    pure.update(_restore_trained(p / "state", target))  # "flow", and "base" if it trained
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure)):
         raise L2DError(f"{p}/state holds no trained flow parameters")
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), tok
 
 
-def _restore_trained(state_dir: Path, target: Mapping) -> dict:
+def _restore_trained(state_dir: os.PathLike, target: Mapping) -> dict:
     """{part: pure dict} of a training checkpoint's trained parameters (``TrainState.params``),
     each array restored straight onto its ``target`` ShapeDtypeStruct (sharding, dtype),
     whatever mesh saved it; a format-1 state (one subtree per layer) per layer, stacked onto
@@ -340,6 +362,8 @@ def _paths(tree) -> set:
 
 
 def _hub_or_path(spec: str) -> str:
+    if storage.is_remote(spec):  # a converted base checkpoint in a bucket
+        return spec
     p = Path(spec).expanduser()
     return str(p) if p.exists() else resolve_model_path(spec)
 
@@ -347,8 +371,17 @@ def _hub_or_path(spec: str) -> str:
 def model_kind(ckpt) -> str:
     """"l2d" (converted L2D checkpoint), "workdir" (a training workdir or one of its
     ``checkpoints/<step>``), "base" (HF dir, .gguf, converted base checkpoint) or "hub"
-    (not a local path: a hub id of a base model)."""
-    p = Path(str(ckpt)).expanduser()
+    (not a local path: a hub id of a base model). ``ckpt`` may be ``gs://...``."""
+    if storage.is_remote(str(ckpt)):
+        p = storage.as_path(str(ckpt), arrays=True)
+        try:
+            found = p.exists()
+        except Exception as e:  # noqa: BLE001 - a bucket that cannot be reached
+            raise storage.describe_error(str(ckpt), e) from e
+        if not found:
+            raise FileNotFoundError(f"{ckpt} does not exist")
+    else:
+        p = Path(str(ckpt)).expanduser()
     if not p.exists():
         return "hub"
     if p.is_file():
@@ -375,9 +408,9 @@ def load_any(ckpt: str, *, dtype: str = "float32", param_dtype: str | None = Non
     kind = model_kind(ckpt)
     desc = {"ckpt": str(ckpt), "kind": "l2d" if kind in ("l2d", "workdir") else "base"}
     if kind == "l2d":
-        model, tok = load_l2d(Path(ckpt).expanduser(), dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+        model, tok = load_l2d(storage.native(ckpt), dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     elif kind == "workdir":
-        p = Path(ckpt).expanduser()
+        p = storage.native(ckpt)
         if (p / "state").is_dir():
             desc["resolved"] = str(p)
         else:

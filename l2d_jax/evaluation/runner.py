@@ -56,6 +56,10 @@ prompts still pending at some step; the rows are exchanged after every batch
 every process agrees on the pending prompts and ``out_dir`` need only be on process 0's
 storage. Example indices (hence sample indices and keys) are global: the files are those
 of a one-process run, and a run may resume with another process count.
+
+``out_dir`` may be ``gs://bucket/path`` (``l2d_jax.storage``): ``evaluate`` / ``rescore`` then
+work on a local copy of it (its files downloaded first, so a rerun resumes) and upload new
+and changed files when they return or fail; a killed run keeps what the last upload held.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from l2d_jax import storage
 from l2d_jax.convert import loading
 from l2d_jax.errors import L2DError, UsageError
 
@@ -470,6 +475,7 @@ def _prepare_mesh(model, data_parallel: bool, mesh_sizes: Mapping[str, int] | No
     return mesh, 1 if mesh is None else shd.data_parallel_size(mesh)
 
 
+@storage.local_working_copy("out_dir")
 def evaluate(model, tokenizer, tasks: Sequence, steps: Sequence = (BASE,), *, out_dir,
              batch_size: int = 16, ode=None, code_ode_temperature: float | str | None = "polynomial_1_1.0",
              sampler=None, ode_temperature: float | None = None,
@@ -791,6 +797,7 @@ def collect_results(out_dir) -> dict:
             "task_names": sorted(tasks), "config": config}
 
 
+@storage.local_working_copy("out_dir")
 def write_results(out_dir, plot: bool = True) -> dict:
     """Rebuilds results.json / results.md / accuracy_vs_steps.png from the parts."""
     out = Path(out_dir)
@@ -913,6 +920,7 @@ def plot_results(res: dict, path) -> None:
 # =========================================================================== rescore
 
 
+@storage.local_working_copy("out_dir")
 def rescore(out_dir, *, allow_unsandboxed: bool = False, plot: bool = True) -> dict:
     """Recomputes every (task, step) entry from ``completions/*.jsonl`` with the tasks' own
     ``score`` / ``aggregate`` (no model, no dataset download: references are in the rows),
@@ -1023,6 +1031,8 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
     limit = None if limit is None or int(limit) < 0 else int(limit)
     mesh_sizes = {**dict(cfg.get("mesh") or {}), **parse_mesh(mesh)}
     target = load_mesh(mesh_sizes)  # a wrong mesh fails before the weights load
+    if out_dir:
+        storage.check_access(out_dir)  # so do an unsupported scheme and an unreachable bucket
     if model is None:
         _reject_base_early(ckpt, steps)
         model, tokenizer, desc = loading.load_any(ckpt, dtype=cfg.get("dtype", "float32"),

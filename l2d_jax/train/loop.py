@@ -17,6 +17,11 @@ WORKDIR layout::
                                  (``l2d_jax.checkpoint``, kind "l2d"): load with
                                  ``l2d_jax.convert.loading.load_l2d`` or ``load_trained``
 
+WORKDIR may be a local path or ``gs://bucket/path`` (``l2d_jax.storage``): checkpoints go there
+through orbax (tensorstore's gcs driver, committed by orbax's marker files), the other files
+through ``etils.epath``; TensorBoard events and profiler traces are written locally and
+uploaded at each flush and at the end.
+
 Restart behaviour:
 
 - A run started on a WORKDIR that holds checkpoints resumes AUTOMATICALLY from the latest
@@ -50,7 +55,9 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from l2d_jax import checkpoint, config as config_lib, distributed, sharding as shd
+from etils import epath
+
+from l2d_jax import checkpoint, config as config_lib, distributed, sharding as shd, storage
 from l2d_jax.checkpoint import WORKDIR_CHECKPOINTS, WORKDIR_CONFIG, WORKDIR_EXPORT, save_checkpoint
 from l2d_jax.convert.loading import build_base, latest_export_or_checkpoint, load_trained  # noqa: F401 (API)
 from l2d_jax.errors import L2DError
@@ -74,8 +81,8 @@ class TrainingDiverged(L2DError):
 class TrainResult:
     status: str  # "completed" | "preempted"
     step: int  # optimizer steps done
-    workdir: Path
-    export_dir: Path | None = None
+    workdir: Path | epath.Path  # epath for a URI (gs://...)
+    export_dir: Path | epath.Path | None = None
     last_checkpoint: int | None = None
 
     @property
@@ -137,10 +144,11 @@ class _SigtermFlag:
 
 
 class Checkpoints:
-    """Orbax ``CheckpointManager`` over ``WORKDIR/checkpoints`` (items state, data, meta)."""
+    """Orbax ``CheckpointManager`` over ``WORKDIR/checkpoints`` (items state, data, meta), local
+    or ``gs://``."""
 
-    def __init__(self, directory: Path, keep: int, enabled: bool = True):
-        self.dir, self.keep, self.enabled = Path(directory), keep, enabled
+    def __init__(self, directory: str | os.PathLike, keep: int, enabled: bool = True):
+        self.dir, self.keep, self.enabled = storage.as_path(directory, arrays=True), keep, enabled
         self._mgr = None
         if enabled:
             self._open()
@@ -151,7 +159,7 @@ class Checkpoints:
         if self._mgr is not None:
             self._mgr.close()
         self._mgr = ocp.CheckpointManager(
-            self.dir.absolute(), item_names=("state", "data", "meta"),
+            self.dir, item_names=("state", "data", "meta"),
             options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
                                                  enable_async_checkpointing=True))
 
@@ -224,7 +232,7 @@ class Checkpoints:
         src = self.dir / str(step)
         if _is_main() and src.exists():
             dst = self.dir / f"corrupt-{step}-{int(time.time())}"
-            os.replace(src, dst)
+            src.rename(dst)  # local: os.rename; in a bucket: object by object
             log.warning("moved %s to %s", src, dst)
         distributed.sync(f"l2d_quarantine_{step}")  # every host sees the move before listing again
         self._open()
@@ -328,15 +336,15 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
     """Runs (or resumes) training as described in the module doc. Returns a TrainResult."""
     from flax import nnx
 
-    wd = Path(workdir)
     main = _is_main()
     _setup_logging()
+    wd = storage.check_access(workdir, arrays=True)  # a bad scheme or bucket fails here, not later
     config_lib.validate_config(cfg)
     cfg_json = _cfg_dict(cfg)
     if main:
         wd.mkdir(parents=True, exist_ok=True)
         _check_same_config(wd, cfg_json)
-        (wd / CONFIG_JSON).write_text(json.dumps(cfg_json, indent=2, sort_keys=True))
+        storage.atomic_write(wd / CONFIG_JSON, json.dumps(cfg_json, indent=2, sort_keys=True))
 
     # ---------------------------------------------------------------- setup
     mesh_cfg = cfg.get("mesh") or {}
@@ -558,7 +566,7 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
             export_dir = _export(wd, trainer, state, frozen, hf_config, tokenizer, settings, cfg)
         if jax.process_count() > 1:
             distributed.sync("l2d_export")  # the others wait for process 0's export before exiting
-    return TrainResult(status, step_no, wd, export_dir, last_ckpt)
+    return TrainResult(status, step_no, storage.native(workdir), export_dir, last_ckpt)
 
 
 def _ckpt_text(ckpts: Checkpoints, step: int | None) -> str:
@@ -568,7 +576,7 @@ def _ckpt_text(ckpts: Checkpoints, step: int | None) -> str:
 DATA_STATS = "data_stats.json"
 
 
-def _record_data_stats(wd: Path, split: str, ds, main: bool) -> None:
+def _record_data_stats(wd: epath.Path, split: str, ds, main: bool) -> None:
     """Logs the dataset's counts (examples, turns dropped as too long, ...) and keeps them in
     ``WORKDIR/data_stats.json``."""
     stats = dict(getattr(ds, "stats", {}) or {})
@@ -579,7 +587,7 @@ def _record_data_stats(wd: Path, split: str, ds, main: bool) -> None:
     path = wd / DATA_STATS
     all_stats = json.loads(path.read_text()) if path.is_file() else {}
     all_stats[split] = json.loads(json.dumps(stats, default=str))
-    path.write_text(json.dumps(all_stats, indent=2, sort_keys=True))
+    storage.atomic_write(path, json.dumps(all_stats, indent=2, sort_keys=True))
 
 
 def _pad_id(tokenizer) -> int:
@@ -592,10 +600,11 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _check_same_config(wd: Path, cfg_json: dict) -> None:
+def _check_same_config(wd: epath.Path, cfg_json: dict) -> None:
     """A restart must not silently change what the checkpoints were trained with."""
     path = wd / CONFIG_JSON
-    if not path.is_file() or not any(p.name.isdigit() for p in (wd / CHECKPOINTS).glob("*")):
+    ckpt_dir = wd / CHECKPOINTS
+    if not path.is_file() or not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         return
     old = {**config_lib.ADDED_KEYS, **json.loads(path.read_text())}  # keys added since it was written
     changed = sorted(k for k in set(old) | set(cfg_json)
@@ -612,14 +621,13 @@ _RESTART_FREE_KEYS = {"mesh", "sharding_rules", "log_interval", "validate_interv
                       "compute_nstep_loss", "num_t_bins", "save_log"}
 
 
-def _export(wd: Path, trainer, state, frozen, hf_config, tokenizer, settings, cfg) -> Path:
+def _export(wd: epath.Path, trainer, state, frozen, hf_config, tokenizer, settings, cfg) -> Path | epath.Path:
     params = jax.device_get(state.params)
     frozen_host = jax.device_get(frozen)
     base_params = params.get("base") if "base" in params else frozen_host.get("base")
-    out = wd / EXPORT
-    save_checkpoint(out, base_params=base_params, hf_config=hf_config, tokenizer=tokenizer, kind="l2d",
-                    flow_params=params["flow"], l2d_settings=settings.to_dict(),
-                    dtype=str(cfg.get("param_dtype", "float32")), overwrite=True)
+    out = save_checkpoint(wd / EXPORT, base_params=base_params, hf_config=hf_config, tokenizer=tokenizer,
+                          kind="l2d", flow_params=params["flow"], l2d_settings=settings.to_dict(),
+                          dtype=str(cfg.get("param_dtype", "float32")), overwrite=True)
     log.info("exported the final weights to %s", out)
     return out
 

@@ -10,24 +10,35 @@ and ``metrics.jsonl`` only: no TensorBoard events.
 ``{"step", "loss", "lr", "tokens_per_s", ...}`` every ``log_interval`` steps and validation
 lines ``{"step", "val_loss", "val_ppl", ...}``. On resume, lines of steps after the restored
 checkpoint are dropped (``truncate_jsonl``), so the file reads as one clean run.
+
+The workdir may be ``gs://...`` (``l2d_jax.storage``): objects there cannot be appended to, so
+``metrics.jsonl`` is then uploaded whole, at most every ``REMOTE_FLUSH_S`` seconds and at the
+end; TensorBoard events, W&B files and profiler traces are written to a local mirror and
+uploaded the same way. A kill (SIGKILL) may lose the last ``REMOTE_FLUSH_S`` seconds of them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
+
+from l2d_jax import storage
 
 log = logging.getLogger("l2d_jax.train")
 
 JSONL = "metrics.jsonl"
 TB_DIR = "tensorboard"
 PROFILE_DIR = "profile"
+REMOTE_FLUSH_S = 30.0
 
 
 def _plain(v: Any):
@@ -43,8 +54,8 @@ def _plain(v: Any):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every object of a metrics.jsonl (missing file: [])."""
-    p = Path(path)
+    """Every object of a metrics.jsonl, local or remote (missing file: [])."""
+    p = storage.as_path(path)
     if not p.is_file():
         return []
     out = []
@@ -61,13 +72,34 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
     """Drops lines whose step is > max_step (and broken lines): the metrics of steps that a
     restart will redo."""
-    p = Path(path)
+    p = storage.as_path(path)
     if not p.is_file():
         return
     keep = [r for r in read_jsonl(p) if int(r.get("step", 0)) <= max_step]
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, p)
+    storage.atomic_write(p, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+class _RemoteJsonl:
+    """The file-object part the logger uses (write, flush, close) for a JSONL in a bucket:
+    the whole text is kept and uploaded on ``flush`` (at most every ``REMOTE_FLUSH_S``
+    seconds) and on ``close``; it starts from the object's current content (a resumed run)."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.text = path.read_text() if path.is_file() else ""
+        self._sent_at, self._dirty = time.monotonic(), False
+
+    def write(self, line: str) -> None:
+        self.text += line
+        self._dirty = True
+
+    def flush(self, force: bool = False) -> None:
+        if self._dirty and (force or time.monotonic() - self._sent_at >= REMOTE_FLUSH_S):
+            storage.atomic_write(self.path, self.text)
+            self._sent_at, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        self.flush(force=True)
 
 
 class MetricsLogger:
@@ -80,16 +112,22 @@ class MetricsLogger:
 
     def __init__(self, workdir: str | os.PathLike, *, main: bool = True, wandb_config: Mapping | None = None,
                  total_steps: int | None = None, start_step: int = 0, progress: bool = True):
-        self.workdir, self.main = Path(workdir), main
-        self.writer = _scalar_writer(self.workdir / TB_DIR, main)
-        self.jsonl = (self.workdir / JSONL).open("a") if main else None
+        self.workdir, self.main = storage.as_path(workdir), main
+        # TensorBoard / W&B write local files: into the workdir itself, or a mirror of a remote one
+        self.files = storage.Mirror(self.workdir) if main else None
+        self._synced_at = time.monotonic()
+        self.writer = _scalar_writer(self.files.local / TB_DIR if main else None, main)
+        self.jsonl = None
+        if main:
+            path = self.workdir / JSONL
+            self.jsonl = _RemoteJsonl(path) if storage.is_remote(path) else open(path, "a")
         self.wandb = None
         if main and wandb_config is not None:
             import wandb
 
             self.wandb = wandb.init(project=wandb_config.get("project", "l2d-jax"), name=wandb_config.get("name"),
                                     config=dict(wandb_config.get("config") or {}),
-                                    dir=str(self.workdir), resume="allow", id=wandb_config.get("id"))
+                                    dir=str(self.files.local), resume="allow", id=wandb_config.get("id"))
         self.bar = None
         if main and progress and total_steps:
             from tqdm.auto import tqdm
@@ -129,6 +167,9 @@ class MetricsLogger:
         self.writer.flush()
         if self.jsonl is not None:
             self.jsonl.flush()
+        if self.files is not None and time.monotonic() - self._synced_at >= REMOTE_FLUSH_S:
+            self.files.sync()
+            self._synced_at = time.monotonic()
 
     def close(self) -> None:
         self.flush()
@@ -142,9 +183,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self.files is not None:
+            self.files.close()  # uploads what a remote workdir still lacks
+            self.files = None
 
 
-def _scalar_writer(tb_dir: Path, main: bool):
+def _scalar_writer(tb_dir: Path | None, main: bool):
     """clu's default writer (TensorBoard + console on the main process, console elsewhere);
     without clu, a console-only writer and a warning saying what is missing."""
     try:
@@ -228,7 +272,7 @@ def plot_training(metrics_path: str | os.PathLike, png: str | os.PathLike) -> Pa
     """A PNG of a run's ``metrics.jsonl``: training and validation loss vs. step (left) and the
     validation loss per t bin, one line per validation (right; L2D learns to read x_t where it
     falls towards t = 1). None when the file holds no loss yet."""
-    rows = read_jsonl(metrics_path) if Path(metrics_path).is_file() else []
+    rows = read_jsonl(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
     if not train and not val:
@@ -261,9 +305,11 @@ def plot_training(metrics_path: str | os.PathLike, png: str | os.PathLike) -> Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return Path(png)
+    storage.atomic_write(png, buf.getvalue())
+    return storage.native(png)
 
 
 # --------------------------------------------------------------------------- profiler
@@ -278,7 +324,8 @@ class Profiler:
     """
 
     def __init__(self, workdir: str | os.PathLike, profile_steps, start_step: int, main: bool = True):
-        self.dir = Path(workdir) / PROFILE_DIR
+        self.dir = storage.as_path(workdir) / PROFILE_DIR
+        self._mirror: storage.Mirror | None = None  # created with the first trace
         self.active = False
         self.first = self.last = None
         if not profile_steps or not main:
@@ -292,8 +339,9 @@ class Profiler:
         if self.first is not None and step == self.first and not self.active:
             import jax
 
-            self.dir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.dir))
+            self._mirror = storage.Mirror(self.dir)
+            self._mirror.local.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self._mirror.local))
             self.active = True
             log.info("profiler: tracing steps %d..%d into %s", self.first, self.last, self.dir)
 
@@ -305,6 +353,7 @@ class Profiler:
                 jax.block_until_ready(block_on)
             jax.profiler.stop_trace()
             self.active = False
+            self._mirror.sync()
 
     def close(self) -> None:
         if self.active:
@@ -312,3 +361,6 @@ class Profiler:
 
             jax.profiler.stop_trace()
             self.active = False
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
