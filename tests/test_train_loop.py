@@ -141,6 +141,33 @@ def test_checkpoints_keep_the_last_two_and_the_export_loads(tiny_run):
     assert model3.flow.final_head.layers[0].kernel[...].sharding.device_set == {jax.local_devices()[0]}
 
 
+def test_convert_export_of_the_workdir_and_of_its_newest_checkpoint(tiny_run, tmp_path, capsys):
+    """``convert export WORKDIR`` exports WORKDIR/export; without an export, the newest training
+    checkpoint (with a note). Both hold the final weights (tests/test_export.py checks the
+    layout against the original's records)."""
+    from safetensors.numpy import load_file
+
+    from l2d_jax.convert.original import settings_from_constructor_dict
+
+    wd = tiny_run["wd"]
+    capsys.readouterr()
+    assert cli.main(["convert", "export", str(wd), str(tmp_path / "a")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(wd, bare, ignore=shutil.ignore_patterns(loop.EXPORT))
+    assert cli.main(["convert", "export", str(bare), str(tmp_path / "b.safetensors")]) == 0
+    assert f"training checkpoint {bare / loop.CHECKPOINTS / '8'}" in capsys.readouterr().err
+    a, b = load_file(str(tmp_path / "a" / "l2d_state.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    model, _ = loop.load_trained(wd)
+    np.testing.assert_array_equal(a["model.modulation_head.mlp.0.weight"],
+                                  np.asarray(model.flow.final_head.layers[0].kernel[...]).T)
+    assert "model.layers.1.self_attn.flow_q_proj.A" in a and "lm_head.weight" in a
+    settings = json.loads((tmp_path / "a" / "l2d_settings.json").read_text())
+    assert settings_from_constructor_dict(settings) == model.settings
+    assert "BASE_MODEL_ID_OR_DIR" in (tmp_path / "b.README.md").read_text()  # random:tiny has no hub id
+
+
 def test_too_long_turns_are_dropped_and_counted(tiny_run):
     stats = json.loads((tiny_run["wd"] / loop.DATA_STATS).read_text())
     assert stats["train"]["dropped"] == 2

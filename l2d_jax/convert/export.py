@@ -37,7 +37,7 @@ from etils import epath
 
 from l2d_jax import checkpoint, sharding, storage
 from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF
-from l2d_jax.convert.loading import CONFIG_JSON, latest_export_or_checkpoint, load_l2d, load_trained, model_kind
+from l2d_jax.convert.loading import CONFIG_JSON, EXPORT, latest_export_or_checkpoint, load_l2d, load_trained, model_kind
 from l2d_jax.convert.original import STATE_SUFFIXES, constructor_dict_from_settings
 from l2d_jax.convert.original_names import OriginalTensor, original_tensors, tensor_reader
 from l2d_jax.errors import L2DError, UsageError
@@ -71,7 +71,7 @@ class ExportFiles:
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
     files: ExportFiles
-    source: Path  # the checkpoint read: a converted dir or a workdir's checkpoints/<step>
+    source: Path | epath.Path  # the checkpoint read: a converted dir or a workdir's checkpoints/<step>
     training_checkpoint: bool  # the source is a training checkpoint (the run has no export yet)
     tensors: int
 
@@ -104,7 +104,7 @@ def export_files(out: str | os.PathLike, fmt: str | None = None) -> ExportFiles:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-    path: Path
+    path: Path | epath.Path
     training_checkpoint: bool
     run_config: dict | None  # the training workdir's config.json, when the source is in one
 
@@ -112,21 +112,23 @@ class _Source:
 def resolve_source(src: str | os.PathLike) -> _Source:
     """What to export for SRC: a converted L2D checkpoint as is; a training workdir's export,
     else its newest checkpoint; a ``checkpoints/<step>`` directory as is. L2DError otherwise."""
-    p = Path(src).expanduser()
-    if not p.exists():
+    p = storage.as_path(src, arrays=True) if storage.is_remote(src) else Path(src).expanduser()
+    if not storage.is_remote(src) and not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
-    kind = model_kind(p)
+    kind = model_kind(p)  # a bucket that cannot be read, or a missing remote path, raises here
     if kind == "workdir" and not (p / "state").is_dir():
         p = latest_export_or_checkpoint(p)  # L2DError naming both when there is neither
+        p = storage.as_path(p, arrays=True) if storage.is_remote(p) else Path(p)
         kind = model_kind(p)
     if kind not in ("l2d", "workdir"):
         raise L2DError(f"{p} is neither a training workdir nor a converted L2D checkpoint (it is a base "
                        f"model or something else): pass a workdir of `l2d-jax train` (WORKDIR, WORKDIR/export "
                        "or WORKDIR/checkpoints/<step>) or a directory written by `l2d-jax convert l2d-torch`")
-    for wd in (p.parent, p.parent.parent):  # WORKDIR/export, WORKDIR/checkpoints/<step>
-        if (wd / CONFIG_JSON).is_file():
-            return _Source(p, kind == "workdir", json.loads((wd / CONFIG_JSON).read_text()))
-    return _Source(p, False, None)
+    training = kind == "workdir"
+    wd = p.parent.parent if training else p.parent  # WORKDIR/checkpoints/<step>, WORKDIR/export
+    if (training or p.name == EXPORT) and (wd / CONFIG_JSON).is_file():
+        return _Source(p, training, json.loads((wd / CONFIG_JSON).read_text()))
+    return _Source(p, training, None)
 
 
 def _load(source: _Source):
