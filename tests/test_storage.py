@@ -236,6 +236,35 @@ def test_converted_checkpoint_round_trip_and_overwrite(gcs):
         checkpoint.read_manifest(ckpt)
 
 
+def test_l2d_checkpoint_with_tokenizer_loads_from_the_bucket(gcs):
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax_tiny import HF_CONFIG, tiny_l2d
+
+    from l2d_jax import checkpoint
+    from l2d_jax.config import tiny_tokenizer
+    from l2d_jax.convert import loading
+
+    model, tok = tiny_l2d(seed=1), tiny_tokenizer()
+    ckpt = f"{gcs}/ckpts/l2d"
+    checkpoint.save_checkpoint(
+        ckpt, base_params=nnx.to_pure_dict(nnx.state(model.base, nnx.Param)), hf_config=HF_CONFIG,
+        tokenizer=tok, kind="l2d", flow_params=nnx.to_pure_dict(nnx.state(model.flow, nnx.Param)),
+        l2d_settings=model.settings.to_dict(), dtype="float32")
+    assert loading.model_kind(ckpt) == "l2d"
+    loaded, loaded_tok, desc = loading.load_any(ckpt)
+    assert desc["kind"] == "l2d"
+    assert loaded_tok("What is 1 + 2?")["input_ids"] == tok("What is 1 + 2?")["input_ids"]
+    want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(FileNotFoundError, match="gs://l2d-test/nothing/here does not exist"):
+        loading.load_any(f"{gcs}/nothing/here")
+
+
 # --------------------------------------------------------------------------- end to end (slow)
 
 FIX = Path(__file__).resolve().parent / "fixtures"
