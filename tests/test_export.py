@@ -7,6 +7,9 @@ reuses that file's tiny run)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -16,11 +19,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from conftest import golden_sets
-from l2d_jax import cli
+from l2d_jax import cli, storage
 from l2d_jax.convert import export, original_names
 from l2d_jax.convert.loading import load_l2d
 from l2d_jax.convert.original import constructor_dict_from_settings, settings_from_constructor_dict
 from l2d_jax.settings import L2DSettings
+from test_storage import gcs  # noqa: F401  (fixture: fake-gcs-server on 127.0.0.1)
 
 L2D_SETS = {p.name: p for p in golden_sets() if (p / "l2d_settings.json").is_file()}
 SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16}
@@ -209,3 +213,53 @@ def test_failure_midway_leaves_nothing(converted, tmp_path, monkeypatch):
 def test_format_and_suffix_disagree(tmp_path, capsys):
     assert cli.main(["convert", "export", str(tmp_path), str(tmp_path / "x.bin"), "--format", "safetensors"]) == 2
     assert "--format" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- gs://, several devices
+
+
+def test_export_to_and_from_a_bucket(gcs, converted, tmp_path):  # noqa: F811  (the fixture)
+    """OUT in a bucket (a directory and a file name), SRC in a bucket: the same bytes as a local export."""
+    local = tmp_path / "local"
+    assert cli.main(["convert", "export", str(converted["llama_lora"]), str(local)]) == 0
+    want = (local / "l2d_state.safetensors").read_bytes()
+    assert cli.main(["convert", "export", str(converted["llama_lora"]), f"{gcs}/exports/dir"]) == 0
+    for name in ("l2d_state.safetensors", "l2d_settings.json", "base_config.json", "README.md"):
+        assert storage.as_path(f"{gcs}/exports/dir/{name}").read_bytes() == (local / name).read_bytes(), name
+    storage.copy_tree(converted["llama_lora"], f"{gcs}/ckpts/lora")
+    assert cli.main(["convert", "export", f"{gcs}/ckpts/lora", f"{gcs}/exports/lora.safetensors"]) == 0
+    assert storage.as_path(f"{gcs}/exports/lora.safetensors").read_bytes() == want
+    assert storage.as_path(f"{gcs}/exports/lora.l2d_settings.json").is_file()
+
+
+_SHARDED = """
+import sys
+import jax
+from flax import nnx
+from l2d_jax.convert import export, original_names
+seen = []
+def spy(model):
+    seen.extend(jax.tree.leaves(nnx.state(model)))
+    return original_names.tensor_reader(model)
+export.tensor_reader = spy
+export.export_checkpoint(sys.argv[1], sys.argv[2])
+total = sum(x.nbytes for x in seen)
+held = {d: 0 for d in jax.local_devices()}
+for x in seen:
+    for shard in x.addressable_shards:
+        held[shard.device] += shard.data.nbytes
+print("sharded", max(held.values()) / total)
+"""
+
+
+@pytest.mark.slow
+def test_export_loads_the_model_sharded_over_the_local_devices(converted, tmp_path):
+    """4 (fake) devices: the model is loaded split over them (fsdp), and the file is the same."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", _SHARDED, str(converted["llama_lora"]), str(tmp_path / "four")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "sharded" in out.stdout, out.stderr[-3000:]
+    assert float(out.stdout.split("sharded")[1]) < 0.75  # no device holds the whole model
+    assert cli.main(["convert", "export", str(converted["llama_lora"]), str(tmp_path / "one")]) == 0
+    assert ((tmp_path / "four" / "l2d_state.safetensors").read_bytes()
+            == (tmp_path / "one" / "l2d_state.safetensors").read_bytes())
