@@ -41,7 +41,8 @@
 #                       resolved and, where it does not fit, changed by the planner)
 #   --log FILE          training log on the workers [LOG_FILE, default l2d_train.log (in $HOME)]
 #   --worker N          worker for `logs` [default 0]
-#   --hf-home DIR       HF_HOME on the workers [HF_HOME, when set]
+#   --hf-home DIR       HF_HOME on the workers [HF_HOME, when set; a path under this machine's
+#                       home becomes the same path under the workers' home]
 #   --tasks LIST        eval tasks [TASKS, default gsm8k,math,humaneval]
 #   --steps LIST        eval ODE grid points, 0 = base model [STEPS, default 0,2,8,16]
 #   --limit N           eval: first N examples per task (a quick check)
@@ -293,7 +294,9 @@ remote_env() {  # the exports every remote l2d-jax command starts with
   local mode=none  # one worker: one process; several: jax.distributed finds the others itself
   [[ "$HOSTS" -gt 1 ]] && mode=tpu
   local env="cd ~/$REMOTE_DIR || exit 1; export PYTHONPATH=\$HOME/$REMOTE_DIR L2D_DISTRIBUTED=$mode"
-  [[ -n "$REMOTE_HF_HOME" ]] && env+=" HF_HOME=$REMOTE_HF_HOME"
+  local hf_home="$REMOTE_HF_HOME"  # under this machine's home: the same place under the workers'
+  [[ "$hf_home" == "$HOME"/* ]] && hf_home="\$HOME/${hf_home#"$HOME"/}"
+  [[ -n "$hf_home" ]] && env+=" HF_HOME=$hf_home"
   [[ $TOKEN_SENT -eq 1 ]] && env+="; chmod 600 ~/.l2d_hf_token; export HF_TOKEN=\"\$(cat ~/.l2d_hf_token)\""
   echo "$env"
 }

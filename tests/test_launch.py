@@ -207,6 +207,8 @@ def test_tpu_pod_eval_and_export(stubs):
     assert "--tasks math --steps 0,8 --out gs://b-2/ev/benchmark --no-progress --limit 20 --mesh tensor=4" in cmd
     assert "benchmark_code" not in cmd
 
+    out = run("tpu_pod.sh", "--dry-run", "eval", "--workdir", "gs://b-1/r", env=dict(env, HF_HOME=f"{env['HOME']}/hf")).stdout
+    assert "HF_HOME=$HOME/hf;" in line_with(out, "l2d_jax.cli eval")  # this machine's home -> the workers'
     out = run("tpu_pod.sh", "--dry-run", "export", "--workdir", "gs://b-1/runs/l1b", env=env).stdout
     cmd = line_with(out, "convert export")
     assert "--worker=0" in cmd and "JAX_PLATFORMS=cpu" in cmd
