@@ -179,22 +179,17 @@ check_uri --workdir "$WORKDIR"
 check_uri --eval-out "$EVAL_OUT"
 check_uri --export-out "$EXPORT_OUT"
 
-hosts_of() {  # accelerator type -> TPU VM workers (v4 / v5p: 4 chips per host; v5e / v6e: 8)
-  local gen="${1%%-*}" n="${1##*-}"
-  [[ "$n" =~ ^[0-9]+$ ]] || { echo 1; return; }
-  case "$gen" in
-    v2|v3) echo $(( n > 8 ? n / 8 : 1 )) ;;
-    v4|v5p) echo $(( n / 2 > 4 ? n / 8 : 1 )) ;;
-    *) echo $(( n > 8 ? n / 8 : 1 )) ;;
-  esac
-}
-HOSTS="$(hosts_of "$TYPE")"
+# More than one TPU VM in the slice: the type's number is over 8 (v2 / v3 / v4 / v5p count
+# TensorCores, 8 per VM; v5e / v6e count chips, at most 8 on one VM)
+MULTI_WORKER=0
+n_of_type="${TYPE##*-}"
+if [[ "$n_of_type" =~ ^[0-9]+$ && "$n_of_type" -gt 8 ]]; then MULTI_WORKER=1; fi
 
 warn_storage() {  # loud warnings for a run directory that is not a bucket
   local where="${WORKDIR:-the save_dir of the config (a local path)}"
   is_uri "$WORKDIR" && return 0
-  if [[ "$HOSTS" -gt 1 ]]; then
-    echo "!!! WARNING: the run directory $where is a local path on a $HOSTS-worker slice ($TYPE):" >&2
+  if [[ $MULTI_WORKER -eq 1 ]]; then
+    echo "!!! WARNING: the run directory $where is a local path on a multi-worker slice ($TYPE):" >&2
     echo "!!! every worker writes its own shards of each checkpoint there, so it must be the SAME" >&2
     echo "!!! storage on all workers (NFS / Filestore, a gcsfuse mount), or checkpoints are incomplete." >&2
     echo "!!! Use --workdir gs://BUCKET/PATH." >&2
@@ -292,7 +287,7 @@ send_token() {  # HF_TOKEN -> ~/.l2d_hf_token (mode 600) on every worker, never 
 
 remote_env() {  # the exports every remote l2d-jax command starts with
   local mode=none  # one worker: one process; several: jax.distributed finds the others itself
-  [[ "$HOSTS" -gt 1 ]] && mode=tpu
+  [[ $MULTI_WORKER -eq 1 ]] && mode=tpu
   local env="cd ~/$REMOTE_DIR || exit 1; export PYTHONPATH=\$HOME/$REMOTE_DIR L2D_DISTRIBUTED=$mode"
   local hf_home="$REMOTE_HF_HOME"  # under this machine's home: the same place under the workers'
   [[ "$hf_home" == "$HOME"/* ]] && hf_home="\$HOME/${hf_home#"$HOME"/}"

@@ -178,7 +178,7 @@ def test_tpu_pod_multi_worker_local_workdir(stubs):
     [call] = planner_calls(env)
     assert "--aot-topology v4:2x2x4 --programs train --require-fit --mesh data=4,fsdp=4 --config.peak_lr=3e-5" in call
     assert "# plan verdict: fits as configured" in proc.stdout and "# mesh: data=4,fsdp=4,tensor=1" in proc.stdout
-    assert "local path on a 4-worker slice (v4-32)" in proc.stderr and "gs://BUCKET/PATH" in proc.stderr
+    assert "local path on a multi-worker slice (v4-32)" in proc.stderr and "gs://BUCKET/PATH" in proc.stderr
     assert "delete` destroys it" in proc.stderr
     assert "HF_TOKEN is not set" in proc.stderr
     train = line_with(proc.stdout, "l2d_jax.cli train")
