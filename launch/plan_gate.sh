@@ -83,7 +83,8 @@ plan_gate() {
       echo "$(basename "$0"): $overrides: expected --config.KEY=VALUE lines, got: $line" >&2; exit 2; }
     PLAN_OVERRIDES+=("$line")
   done < "$overrides"
-  PLAN_MESH="$(plan_mesh "$py" "$json" "${PLAN_OVERRIDES[@]}")"
+  PLAN_MESH="$(plan_mesh "$py" "$json" "${PLAN_OVERRIDES[@]}")" \
+    || { echo "$(basename "$0"): cannot read the mesh from the plan's $json (above); delete it to plan again" >&2; exit 2; }
   local part parts
   if [[ -n "$PLAN_MESH" && " ${PLAN_OVERRIDES[*]} " != *" --config.mesh."* ]]; then
     IFS=, read -r -a parts <<< "$PLAN_MESH"

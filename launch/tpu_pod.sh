@@ -206,17 +206,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 run() { if [[ $DRY_RUN -eq 1 ]]; then show_cmd "$@"; else "$@"; fi; }
 on_workers() { run "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker="$1" --command="$2"; }
 
-mesh_overrides() {  # MESH -> --config.mesh.* words, one per line
-  local part key val parts
-  [[ -z "$MESH" ]] && return 0
-  IFS=, read -r -a parts <<< "$MESH"
-  for part in "${parts[@]}"; do
-    key="${part%%=*}"; val="${part#*=}"
-    case "$key" in data|fsdp|tensor) ;; *) die "--mesh $MESH: axes are data, fsdp, tensor" ;; esac
-    [[ "$val" =~ ^-?[0-9]+$ ]] || die "--mesh $MESH: $key needs an integer"
-    echo "--config.mesh.$key=$val"
+MESH_ARGS=()  # --mesh as --config.mesh.* overrides
+if [[ -n "$MESH" ]]; then
+  IFS=, read -r -a mesh_parts <<< "$MESH"
+  for part in "${mesh_parts[@]}"; do
+    [[ "$part" =~ ^(data|fsdp|tensor)=-?[0-9]+$ ]] || die "--mesh $MESH: expected data=N,fsdp=N,tensor=N (any subset)"
+    MESH_ARGS+=("--config.mesh.$part")
   done
-}
+fi
 
 topology_of() {  # accelerator type -> AOT topology (chips in the usual slice shapes)
   local gen="${1%%-*}" n="${1##*-}" chips
@@ -325,11 +322,9 @@ do_install() {
 
 do_train() {
   warn_storage
-  local mesh_args=()
-  mapfile -t mesh_args < <(mesh_overrides)
   local cmd=(.venv/bin/python -m l2d_jax.cli train --config "$CONFIG" --no-progress)
   [[ -n "$WORKDIR" ]] && cmd+=(--workdir "$WORKDIR")
-  cmd+=("${mesh_args[@]}" "${OVERRIDES[@]}" "${PLANNED[@]}")
+  cmd+=("${MESH_ARGS[@]}" "${OVERRIDES[@]}" "${PLANNED[@]}")
   local line; remote_cmd line "${cmd[@]}"
   send_token
   start_background "$LOG_FILE" l2d_train.pid "$line"

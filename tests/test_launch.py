@@ -228,6 +228,7 @@ def test_tpu_pod_eval_and_export(stubs):
     (["eval", "--workdir", "gs://b-1/r", "--eval-out", "gs://-bad/x"], 2, "not a bucket name"),
     (["train"], 2, "train needs --config"),
     (["run"], 2, "run needs --config"),
+    (["train", "--config", CONFIG, "--mesh", "data=2,pipe=4", "--no-plan"], 2, "--mesh data=2,pipe=4: expected"),
     (["plan", "--config", CONFIG, "--type", "v9-8", "--version", "x"], 2, "--topology GEN:SHAPE"),
     (["train", "--config", CONFIG, "--config.run_name=$(rm)", "--no-plan"], 2, "cannot be passed to the workers"),
 ])
