@@ -9,8 +9,10 @@
   float32 or bfloat16). Tensor bytes: orbax adds some metadata, and compresses the training
   checkpoint (zstd), so its files may be smaller.
 - ``epoch``: optimizer steps per epoch of the training data (``config.total_training_steps``)
-  and, given a roofline step time (``--aot-topology``), an epoch time that is a LOWER BOUND:
-  the roofline assumes peak FLOP/s or HBM bandwidth, whichever binds, nothing measured.
+  and, given a roofline step time (``--aot-topology``), steps x that time: each step's
+  roofline is a LOWER BOUND (peak FLOP/s or HBM bandwidth, whichever binds; nothing
+  measured) for a step padded to the longest bucket, which the plan compiles; steps padded
+  to shorter buckets cost less, so the epoch figure is an estimate, not a bound.
 - ``analytic_fit``: without a TPU topology, the analytic per-device total against a budget
   (``--hbm-gib``), walking ``plan_tpu.train_candidates`` (the same ladder the compiled plan
   walks) until a change fits.
@@ -167,8 +169,10 @@ def format_launch(sizes: Mapping, ep: Mapping, source: str) -> str:
         line = (f"epoch       {ep['train_examples']:,} examples ({source}): {ep['steps_per_epoch']:,} steps per "
                 f"epoch, {ep['total_steps']:,} in the run")
         if ep.get("roofline_epoch_s"):
-            line += (f"; roofline lower bound ({ep['roofline_of']}) {ep['roofline_epoch_s'] / 3600:.1f} h per "
-                     f"epoch, {ep['roofline_total_s'] / 3600:.1f} h in all (not a measurement)")
+            line += (f"; roofline ({ep['roofline_of']}) {ep['roofline_epoch_s'] / 3600:.1f} h per epoch, "
+                     f"{ep['roofline_total_s'] / 3600:.1f} h in all: steps x the roofline lower bound of one step "
+                     f"at {ep['roofline_seq_len']} tokens (not a measurement; steps padded to shorter buckets "
+                     "cost less)")
         lines.append(line)
     else:
         lines.append(f"epoch       {source}")
@@ -229,7 +233,8 @@ def run_plan(args, repo: Path) -> int:
     if topo is not None and train is not None:  # the roofline of what will run: as given, or the suggestion
         of = "as given" if train["fits"] else "the suggestion"
         step_s = train.get("roofline_step_s") if train["fits"] else (train.get("suggestion") or {}).get("roofline_step_s")
-    result["epoch"] = dict(epoch(cfg, n_examples, step_s), source=source, roofline_of=of if step_s else None)
+    result["epoch"] = dict(epoch(cfg, n_examples, step_s), source=source, roofline_of=of if step_s else None,
+                           roofline_seq_len=result["seq_len"] if step_s else None)
     print(format_launch(result["checkpoint"], result["epoch"], source))
     if args.json:
         print(f"wrote {plan_lib.write_json(result, args.json)}")
