@@ -12,15 +12,16 @@
 #   --torch        also install torch on an accelerator target (always the CPU build: the
 #                  parity checks against the original code run on the CPU).
 #   --no-tpu       cpu target: skip libtpu (~700 MB; TPU ahead-of-time compiles and their tests).
-#   --python PY    the interpreter for a new venv (default: the first of python3, python3.13,
-#                  python3.12, python3.11 that is >= 3.11, else a uv-managed Python 3.12).
+#   --python PY    the interpreter to make the venv with, or to install into without --venv
+#                  (default: the first of python3, python3.13, python3.12, python3.11 that is
+#                  >= 3.11, else, for a new venv, a uv-managed Python 3.12).
 #   --dry-run      change nothing: print every step and run each pip command with
 #                  --dry-run --ignore-installed --report DIR/<step>.json (--report-dir DIR,
 #                  default a new temporary folder) to show what it would install.
 # Safe to run again: every step is idempotent.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "install.sh: $*" >&2; exit 2; }
 
 VENV="${L2D_VENV:-}"
