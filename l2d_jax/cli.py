@@ -464,10 +464,12 @@ def _add_generate(subparsers) -> None:
 def _run_generate(args) -> int:
     import json
 
-    from l2d_jax import distributed
+    from l2d_jax import distributed, storage
     from l2d_jax.generate import generate_cli
 
     distributed.initialize_from_env(args.distributed)  # before anything asks JAX for devices
+    if args.jsonl:
+        storage.check_access(args.jsonl)  # a bad scheme or bucket fails before the model loads
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
@@ -482,8 +484,6 @@ def _run_generate(args) -> int:
     if not distributed.is_main_process():
         return 0
     if args.jsonl:  # a local path or gs://...
-        from l2d_jax import storage
-
         storage.atomic_write(args.jsonl, "".join(json.dumps(r) + "\n" for r in records))
     for r in records:
         print(f"### {r['prompt']}\n{r['completion']}\n[{r['new_tokens']} tokens, "

@@ -145,7 +145,7 @@ def test_atomic_write_local_replaces_whole_and_leaves_no_temporary(tmp_path):
     assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
 
 
-def test_cli_rejects_an_unsupported_scheme_for_the_workdir(capsys):
+def test_cli_rejects_unsupported_schemes_before_any_work(capsys, tmp_path):
     from l2d_jax import cli
 
     code = cli.main(["train", "--config", str(REPO / "configs" / "tiny_test.py"), "--workdir", "memory://wd",
@@ -153,6 +153,13 @@ def test_cli_rejects_an_unsupported_scheme_for_the_workdir(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "error: memory://wd: memory:// is not supported for checkpoints and training workdirs" in err
+    code = cli.main(["eval", "--config", str(REPO / "configs" / "benchmark.py"), "--ckpt", str(tmp_path / "none"),
+                     "--out", "ftp://host/eval", "--tasks", "gsm8k"])
+    assert code == 2
+    assert "error: ftp://host/eval: ftp:// is not supported for outputs" in capsys.readouterr().err
+    code = cli.main(["generate", str(tmp_path / "none"), "--prompt", "hi", "--jsonl", "memory://g.jsonl"])
+    assert code == 2
+    assert "error: memory://g.jsonl: memory:// is not supported for outputs" in capsys.readouterr().err
 
 
 def test_refused_credentials_give_one_clear_error():
@@ -209,6 +216,23 @@ def test_files_mirror_and_trees_round_trip(gcs, tmp_path):
     assert storage.as_path(f"{gcs}/tb/events").read_text() == "12" and not mirror.local.exists()
     storage.rmtree(f"{gcs}/files")
     assert _objects(f"{gcs}/files/") == []
+
+
+def test_metrics_logger_on_a_bucket_uploads_jsonl_and_events(gcs, monkeypatch):
+    from l2d_jax.train import metrics
+
+    wd = f"{gcs}/runs/logger"
+    logger = metrics.MetricsLogger(wd, progress=False)
+    logger.log_train(1, {"loss": 2.0, "lr": 0.1, "tokens_per_s": 5.0})
+    assert _objects(wd + "/") == []  # held back: objects cannot be appended to
+    monkeypatch.setattr(metrics, "REMOTE_FLUSH_S", 0.0)
+    logger.log_train(2, {"loss": 1.5, "lr": 0.1, "tokens_per_s": 5.0})  # due: uploaded now
+    assert [r["step"] for r in metrics.read_jsonl(f"{wd}/metrics.jsonl")] == [1, 2]
+    logger.close()
+    names = _objects(wd + "/")
+    assert any(n.startswith("runs/logger/tensorboard/events.out.tfevents.") for n in names), names
+    metrics.truncate_jsonl(f"{wd}/metrics.jsonl", 1)  # what a resume does
+    assert [r["step"] for r in metrics.read_jsonl(f"{wd}/metrics.jsonl")] == [1]
 
 
 def test_converted_checkpoint_round_trip_and_overwrite(gcs):

@@ -146,6 +146,16 @@ class MetricsLogger:
             self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(numeric, step=step)
+        if self.files is not None and self.files.remote is not None:
+            self._sync_mirror()
+
+    def _sync_mirror(self, force: bool = False) -> None:
+        """Uploads the local mirror's new event files (a remote workdir), at most every
+        ``REMOTE_FLUSH_S`` seconds unless ``force``."""
+        if force or time.monotonic() - self._synced_at >= REMOTE_FLUSH_S:
+            self.writer.flush()
+            self.files.sync()
+            self._synced_at = time.monotonic()
 
     def log_train(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One training line: at least loss, lr, tokens_per_s."""
@@ -167,9 +177,8 @@ class MetricsLogger:
         self.writer.flush()
         if self.jsonl is not None:
             self.jsonl.flush()
-        if self.files is not None and time.monotonic() - self._synced_at >= REMOTE_FLUSH_S:
-            self.files.sync()
-            self._synced_at = time.monotonic()
+        if self.files is not None and self.files.remote is not None:
+            self._sync_mirror()
 
     def close(self) -> None:
         self.flush()
