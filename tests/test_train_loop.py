@@ -166,6 +166,13 @@ def test_convert_export_of_the_workdir_and_of_its_newest_checkpoint(tiny_run, tm
     settings = json.loads((tmp_path / "a" / "l2d_settings.json").read_text())
     assert settings_from_constructor_dict(settings) == model.settings
     assert "BASE_MODEL_ID_OR_DIR" in (tmp_path / "b.README.md").read_text()  # random:tiny has no hub id
+    # a checkpoint whose base cannot be rebuilt: one line saying what to do
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "pretrained_model_dir": str(tmp_path / "moved")}))
+    assert cli.main(["convert", "export", str(bare), str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+    assert str(tmp_path / "moved") in err and f"l2d-jax train --workdir {bare}" in err
 
 
 def test_too_long_turns_are_dropped_and_counted(tiny_run):
