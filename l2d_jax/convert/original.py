@@ -12,7 +12,8 @@ The CLI-facing half of ``l2d_jax.convert.original_names`` (which holds the name 
   original training ``.cfg`` file (``settings_from_cfg``).
 - ``convert_l2d_torch(...)``: STATE + base HF dir + SETTINGS -> checkpoint dir (kind "l2d").
 
-Our own checkpoints (``load_l2d``) and ``convert export`` live in ``convert/loading.py``.
+Our own checkpoints (``load_l2d``) live in ``convert/loading.py``, ``convert export`` in
+``convert/export.py`` (``constructor_dict_from_settings`` here is the settings it writes).
 """
 
 from __future__ import annotations
