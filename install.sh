@@ -21,7 +21,7 @@
 # Safe to run again: every step is idempotent.
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; }  # the header above
 die() { echo "install.sh: $*" >&2; exit 2; }
 
 VENV="${L2D_VENV:-}"
