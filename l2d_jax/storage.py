@@ -1,13 +1,12 @@
 """Paths that may live on local disk or in a bucket (``gs://``), through ``etils.epath``.
 
 Every output of l2d-jax (training workdirs, converted checkpoints, exports, evaluation
-results, ``generate --out``) and every checkpoint it reads may be a local path or a URI:
-
-- ``gs://bucket/path``: Google Cloud Storage, everywhere. Arrays go through orbax's
-  tensorstore ``gcs`` driver, all other files through ``epath`` (tf.io.gfile when TensorFlow
-  is installed, else fsspec/gcsfs; ``EPATH_USE_TF=false`` forces fsspec).
-- ``s3://``, ``az://``: files only (evaluation outputs, ``generate --out``); orbax 0.12.8 writes
-  arrays to local disk or GCS only, so checkpoints and training workdirs reject them.
+results, ``generate --jsonl``) and every checkpoint it reads may be a local path or a
+``gs://bucket/path`` (Google Cloud Storage). Arrays go through orbax's tensorstore ``gcs``
+driver, all other files through ``epath`` (tf.io.gfile when TensorFlow is installed, else
+fsspec/gcsfs; ``EPATH_USE_TF=false`` forces fsspec). Other schemes are refused with a clear
+error: orbax 0.12.8 writes arrays to local files or GCS only, and with TensorFlow installed
+epath sends ``s3://`` / ``az://`` to tf.io.gfile, which no longer implements them.
 
 Credentials for ``gs://`` are Google's Application Default Credentials
 (``gcloud auth application-default login``, or ``GOOGLE_APPLICATION_CREDENTIALS`` naming a
@@ -38,8 +37,8 @@ from l2d_jax.errors import L2DError
 log = logging.getLogger("l2d_jax.storage")
 
 PathLike = str | os.PathLike
-# schemes epath can open, and the subset orbax can write arrays to (tensorstore gcs driver)
-FILE_SCHEMES = ("gs", "s3", "az")
+# URI schemes accepted for plain files, and for orbax checkpoints (tensorstore's gcs driver)
+FILE_SCHEMES = ("gs",)
 ARRAY_SCHEMES = ("gs",)
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CREDENTIALS_HINT = ("credentials come from Application Default Credentials: run "

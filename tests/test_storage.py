@@ -131,9 +131,9 @@ def test_paths_and_unsupported_schemes(tmp_path, monkeypatch):
     assert os.fspath(storage.as_path("rel/x")) == str(tmp_path / "rel" / "x")
     assert os.fspath(storage.as_path("gs://b/x/y")) == "gs://b/x/y"
     assert str(storage.native("gs://b/x")) == "gs://b/x" and storage.native("rel") == Path("rel")
-    assert os.fspath(storage.as_path("s3://b/x")) == "s3://b/x"  # files may go to S3 ...
-    with pytest.raises(L2DError, match=r"s3:// is not supported for checkpoints.*gs://bucket/path"):
-        storage.as_path("s3://b/x", arrays=True)  # ... arrays may not (orbax: gcs or file)
+    with pytest.raises(L2DError, match=r"s3:// is not supported for checkpoints and training workdirs; use a "
+                                       r"local path or gs://bucket/path"):
+        storage.as_path("s3://b/x", arrays=True)
     with pytest.raises(L2DError, match=r"memory:// is not supported for outputs; use a local path or gs://"):
         storage.as_path("memory://x")
 
