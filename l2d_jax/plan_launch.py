@@ -31,8 +31,9 @@ from typing import Mapping
 from l2d_jax import plan as plan_lib, plan_tpu
 
 # The released configs train on five HuggingFaceTB/smoltalk subsets (configs/base.py); the
-# paper's figure for that data is ~0.9 M conversations (README). Not counted here (no network
-# when planning); a run writes the exact number to WORKDIR/data_stats.json at its start.
+# figure quoted for the paper's training data is ~0.9 M (README). Not counted here (no network
+# when planning); a run writes the exact number of examples (one per assistant turn, after
+# filtering) to WORKDIR/data_stats.json (train.examples) when it starts.
 RELEASED_TRAIN_EXAMPLES = 900_000
 EXIT_NO_FIT = 3  # as --require-fit
 
@@ -74,21 +75,20 @@ def checkpoint_sizes(cfg, *, preset: str | None = None) -> dict:
 
 
 def train_examples(cfg, given: int | None = None) -> tuple[int | None, str]:
-    """(number of training conversations, where it comes from) for ``epoch``."""
+    """(number of training examples, where it comes from) for ``epoch``. An example is one
+    assistant turn (``train/data.py``), so only a run counts them exactly: ``given`` (from
+    ``--train-examples``), or ~0.9 M for the released data mix, else unknown."""
     from l2d_jax.config import sibling_config
-    from l2d_jax.train import data
 
     if given:
         return int(given), "--train-examples"
-    specs = list(cfg.get("train_filepaths") or ())
-    sources = [data.parse_source(s, str(cfg.get("data_source") or "auto")) for s in specs]
-    if sources and all(s.kind == "synthetic" for s in sources):
-        return sum(s.count for s in sources), "synthetic sources (before length filtering)"
+    specs = tuple(cfg.get("train_filepaths") or ())
     released = sibling_config(str(Path(__file__).resolve().parents[1] / "configs" / "base.py"), "base")
-    if specs and tuple(specs) == tuple(released.get_config().train_filepaths):
-        return RELEASED_TRAIN_EXAMPLES, ("approximate: the paper's ~0.9 M smoltalk conversations; a run's "
-                                         "WORKDIR/data_stats.json has the exact count")
-    return None, "unknown: pass --train-examples N (a run's WORKDIR/data_stats.json has the count)"
+    if specs and specs == tuple(released.get_config().train_filepaths):
+        return RELEASED_TRAIN_EXAMPLES, ("approximate: the ~0.9 M quoted for the paper's smoltalk data; the exact "
+                                         "count is train.examples in a run's WORKDIR/data_stats.json")
+    return None, ("steps per epoch unknown: pass --train-examples N (train.examples in a run's "
+                  "WORKDIR/data_stats.json; one example per assistant turn)")
 
 
 def epoch(cfg, n_examples: int | None, step_s: float | None = None) -> dict:

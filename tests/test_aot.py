@@ -181,7 +181,8 @@ def test_out_of_memory_gives_fits_false_and_a_verified_change(capsys, tmp_path):
     emitted = tmp_path / "overrides.txt"
     code, p, out = _plan(capsys, tmp_path, "--aot-topology", "v5e:2x2", "--mesh", "data=4,fsdp=1,tensor=1",
                          "--config.micro_batch_size=2", "--config.n_samples_before_backprop=16",
-                         "--programs", "train", "--hbm-gib", "0.004", "--emit-overrides", str(emitted))
+                         "--programs", "train", "--hbm-gib", "0.004", "--emit-overrides", str(emitted),
+                         "--train-examples", "64")
     assert code == 0, out
     r = p["aot"]["train"]
     assert r["fits"] is False and r["oom"]["shortfall_bytes"] > 0

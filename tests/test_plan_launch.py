@@ -94,12 +94,15 @@ def test_lad_8b_on_8_gpus_emits_fsdp_and_sharded_flow_matrices(capsys, tmp_path)
 def test_steps_per_epoch_and_roofline_epoch_time(capsys, tmp_path):
     from l2d_jax import config as config_lib, plan_launch
 
-    cfg = config_lib.load_config(TINY, [], validate=False)  # synthetic:arithmetic:64, 8 samples per step
-    n, source = plan_launch.train_examples(cfg)
-    assert n == 64 and "synthetic" in source
-    ep = plan_launch.epoch(cfg, n, step_s=0.5)
+    cfg = config_lib.load_config(TINY, [], validate=False)  # 8 samples per step, n_training_steps=4
+    n, source = plan_launch.train_examples(cfg)  # synthetic conversations: examples are per turn
+    assert n is None and "--train-examples" in source
+    ep = plan_launch.epoch(cfg, 64, step_s=0.5)
     assert ep["steps_per_epoch"] == 8 and ep["total_steps"] == 4  # n_training_steps=4 caps the run
     assert ep["roofline_epoch_s"] == 4.0 and ep["roofline_total_s"] == 2.0
+    released = config_lib.load_config(str(REPO / "configs" / "llama_3.2_1b_instruct_lad_lora.py"), [], validate=False)
+    n, source = plan_launch.train_examples(released)
+    assert n and "approximate" in source and "data_stats.json" in source
     path = tmp_path / "p.json"
     code, stdout, err = _plan(capsys, "--config", TINY, "--mesh", "data=1", "--train-examples", "1000",
                               "--config.n_training_steps=-1", "--config.n_epochs=2", "--json", str(path))
