@@ -307,7 +307,7 @@ def _add_plan(subparsers) -> None:
                         "roofline step time, and a verified change for what does not fit (needs libtpu: "
                         "pip install -e '.[tpu]')")
     p.add_argument("--programs", default="train,generate", help="with --aot-topology: which programs")
-    p.add_argument("--hbm-gib", type=float, default=None,
+    p.add_argument("--hbm-gib", type=float, default=None, metavar="G",
                    help="with --aot-topology: plan against this much HBM per device (headroom), when less "
                         "than the chip has; without it: compare the analytic per-device total with G (e.g. "
                         "74 for an 80 GB GPU; the analytic plan was within ~15%% of XLA) and search a change")
@@ -316,8 +316,9 @@ def _add_plan(subparsers) -> None:
                         "fits: none when the given one fits, else the suggestion; exit 3 (FILE not written) "
                         "when nothing tried fits. Needs --aot-topology or --hbm-gib")
     p.add_argument("--train-examples", type=int, default=None, metavar="N",
-                   help="training conversations, for steps per epoch (default: known for synthetic data and "
-                        "the released smoltalk mix, approximately)")
+                   help="training examples (one per assistant turn: train.examples in a run's "
+                        "WORKDIR/data_stats.json), for steps per epoch (default: ~0.9 M for the released "
+                        "smoltalk mix, else unknown)")
     p.add_argument("--bench-config", default=None, metavar="FILE",
                    help="evaluation config for the generation programs (default configs/benchmark.py)")
     p.add_argument("--gen-mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
