@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 
 from l2d_jax import checkpoint, sharding, storage
-from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF
+from l2d_jax.config import RANDOM_TINY, SMOLLM2_GGUF, ConfigError
 from l2d_jax.convert.loading import CONFIG_JSON, EXPORT, latest_export_or_checkpoint, load_l2d, load_trained, model_kind
 from l2d_jax.convert.original import STATE_SUFFIXES, constructor_dict_from_settings
 from l2d_jax.convert.original_names import OriginalTensor, original_tensors, tensor_reader
@@ -143,7 +143,7 @@ def _load(source: _Source):
     dtype = str(run.get("param_dtype") or "float32")
     try:
         model, _ = load_trained(source.path, dtype=dtype, param_dtype=dtype, mesh=mesh)
-    except (OSError, L2DError) as e:
+    except (OSError, ConfigError) as e:  # the base named in the run's config cannot be loaded
         wd = source.path.parent.parent
         raise L2DError(f"{source.path} is a training checkpoint (the run has not finished, so "
                        f"{wd}/export does not exist): it holds only the trained parameters, and its base "
