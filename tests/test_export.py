@@ -174,6 +174,39 @@ def test_constructor_dict_round_trip():
     assert set(constructor_dict_from_settings(base)) == {f for f in L2DSettings.__dataclass_fields__}
 
 
+def _save_l2d(model, hf: dict, out: Path) -> Path:
+    from flax import nnx
+
+    from l2d_jax import checkpoint
+
+    return checkpoint.save_checkpoint(
+        out, base_params=nnx.to_pure_dict(nnx.state(model.base, nnx.Param)), hf_config=hf, kind="l2d",
+        flow_params=nnx.to_pure_dict(nnx.state(model.flow, nnx.Param)), l2d_settings=model.settings.to_dict(),
+        dtype="float32")
+
+
+def test_qwen2_gets_its_class_and_biases_and_qwen3_is_refused(tmp_path, capsys):
+    """A Qwen2 base: FlowQwen2ForCausalLM, q/k/v biases and the LoRA-wrapped q bias (the
+    original's names); Qwen3 has no flow class in the original: a one-line error."""
+    from jax_tiny import HF_CONFIG, tiny_l2d
+
+    hf = dict(HF_CONFIG, model_type="qwen2", _name_or_path="Qwen/Qwen2.5-1.5B-Instruct")
+    ckpt = _save_l2d(tiny_l2d(model_type="qwen2"), hf, tmp_path / "qwen2")
+    assert cli.main(["convert", "export", str(ckpt), str(tmp_path / "out")]) == 0
+    layout, _ = read_safetensors(tmp_path / "out" / "l2d_state.safetensors")
+    names = {n: s for n, s, _ in layout}
+    for n in ("model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias",
+              "model.layers.1.self_attn.flow_q_proj.wrapped_layer.bias"):
+        assert names[n] == (HF_CONFIG["hidden_size"] if "q_proj" in n else 16,), n  # 2 KV heads x head_dim 8
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "FlowQwen2ForCausalLM(base, **json.load(f))" in readme
+    assert 'from_pretrained("Qwen/Qwen2.5-1.5B-Instruct", torch_dtype=dtype)' in readme
+    assert json.loads((tmp_path / "out" / "base_config.json").read_text())["model_type"] == "qwen2"
+    ckpt = _save_l2d(tiny_l2d(model_type="qwen3"), dict(HF_CONFIG, model_type="qwen3"), tmp_path / "qwen3")
+    assert cli.main(["convert", "export", str(ckpt), str(tmp_path / "out3")]) == 2
+    assert "no flow model for model_type 'qwen3'" in capsys.readouterr().err and not (tmp_path / "out3").exists()
+
+
 # --------------------------------------------------------------------------- errors, atomicity
 
 
