@@ -12,7 +12,7 @@
 
 Streaming: the model is loaded in its stored dtype, sharded over this process's devices
 (fsdp), and written one tensor at a time (each converted on the devices, then copied to the
-host and written): the host holds the loaded model plus about one tensor, never a float32
+host and written): the host holds the loaded model plus a tensor or two, never a float32
 copy of the whole model. Outputs go to temporary names and are moved into place at the end
 (uploaded, for ``gs://``), so a failure leaves nothing.
 """
