@@ -116,7 +116,7 @@ def analytic_fit(cfg, budget_bytes: int, *, preset: str | None = None, seq_len: 
     change of ``plan_tpu``'s train ladder whose analytic total fits (``cfg.mesh`` resolved)."""
     from l2d_jax.models.llm import LLMConfig
 
-    total = total_bytes if total_bytes is not None else plan_tpu._estimate_train(cfg, preset, seq_len)
+    total = total_bytes if total_bytes is not None else plan_tpu.estimate_train(cfg, preset, seq_len)
     out = {"hbm_bytes_per_device": int(budget_bytes), "peak_bytes": total, "fits": total <= budget_bytes}
     if not out["fits"]:
         hf, _ = plan_lib.model_hf_config(cfg.pretrained_model_dir, preset=preset)
@@ -124,11 +124,11 @@ def analytic_fit(cfg, budget_bytes: int, *, preset: str | None = None, seq_len: 
         n = math.prod(int(cfg.mesh[k]) for k in plan_lib.MESH_AXES)
 
         def build(over):
-            est = plan_tpu._estimate_train(plan_tpu._with(cfg, over), preset, seq_len)
+            est = plan_tpu.estimate_train(plan_tpu.with_overrides(cfg, over), preset, seq_len)
             return {"fits": est <= budget_bytes, "peak_bytes": est, "compile_s": None, "roofline_step_s": None}
 
-        out["suggestion"] = plan_tpu._search(plan_tpu.train_candidates(cfg, n, (llm.num_heads, llm.num_kv_heads)),
-                                             build, lambda o: None, budget_bytes, max_tries=None)
+        candidates = plan_tpu.train_candidates(cfg, n, (llm.num_heads, llm.num_kv_heads))
+        out["suggestion"] = plan_tpu.search_ladder(candidates, build, lambda o: None, budget_bytes, max_tries=None)
     return out
 
 
@@ -232,7 +232,7 @@ def run_plan(args, repo: Path) -> int:
     step_s, of = None, None
     if topo is not None and train is not None:  # the roofline of what will run: as given, or the suggestion
         of = "as given" if train["fits"] else "the suggestion"
-        step_s = train.get("roofline_step_s") if train["fits"] else (train.get("suggestion") or {}).get("roofline_step_s")
+        step_s = (train if train["fits"] else train.get("suggestion") or {}).get("roofline_step_s")
     result["epoch"] = dict(epoch(cfg, n_examples, step_s), source=source, roofline_of=of if step_s else None,
                            roofline_seq_len=result["seq_len"] if step_s else None)
     print(format_launch(result["checkpoint"], result["epoch"], source))

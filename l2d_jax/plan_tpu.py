@@ -77,7 +77,7 @@ def config_overrides(overrides: Mapping) -> list[str]:
     return out
 
 
-def _with(cfg, overrides: Mapping):
+def with_overrides(cfg, overrides: Mapping):
     """A copy of ``cfg`` with a ladder change applied (``mesh``: axis sizes; dotted keys such
     as ``sharding_rules.flow_in``: one entry of a sub-dict)."""
     out = copy.deepcopy(cfg)
@@ -145,7 +145,7 @@ def generate_candidates(shape: aot.GenerationShape, num_devices: int, heads: tup
         b //= 2
 
 
-def _estimate_train(cfg, preset, seq_len) -> float:
+def estimate_train(cfg, preset, seq_len) -> float:
     """The analytic plan's training bytes per device (inf for a change the plan rejects)."""
     from l2d_jax import plan
 
@@ -155,7 +155,7 @@ def _estimate_train(cfg, preset, seq_len) -> float:
         return math.inf
 
 
-def _search(candidates, build, estimate, hbm_bytes: int, max_tries: int | None = MAX_TRIES) -> dict:
+def search_ladder(candidates, build, estimate, hbm_bytes: int, max_tries: int | None = MAX_TRIES) -> dict:
     """The first candidate that ``build`` says fits (a compile, or the analytic plan);
     ``tried`` lists the others. ``estimate``: analytic bytes (None: unknown) that skip a
     candidate above ``SKIP_ABOVE`` x ``hbm_bytes`` unbuilt; ``max_tries``: builds at most."""
@@ -199,13 +199,14 @@ def aot_report(cfg, bench, topo: aot.Topology, *, preset: str | None = None, seq
         out["train_mesh"] = {k: int(cfg.mesh[k]) for k in ("data", "fsdp", "tensor")}
 
         def build(over):
-            return aot.compile_program(aot.train_program(_with(cfg, over), topo.devices, preset=preset,
+            return aot.compile_program(aot.train_program(with_overrides(cfg, over), topo.devices, preset=preset,
                                                          seq_len=seq_len), topo)
 
         train = build({})
         if not train["fits"] and suggest:
-            train["suggestion"] = _search(train_candidates(cfg, topo.num_devices, heads), build,
-                                          lambda o: _estimate_train(_with(cfg, o), preset, seq_len), topo.hbm_bytes_per_device)
+            train["suggestion"] = search_ladder(
+                train_candidates(cfg, topo.num_devices, heads), build,
+                lambda o: estimate_train(with_overrides(cfg, o), preset, seq_len), topo.hbm_bytes_per_device)
         out["train"] = train
     if "generate" in programs:
         shape = aot.GenerationShape.from_benchmark(bench, topo.num_devices, **dict(generation or {}))
@@ -222,8 +223,8 @@ def aot_report(cfg, bench, topo: aot.Topology, *, preset: str | None = None, seq
         gen["shape"] = {"batch": shape.batch, "prompt_len": shape.prompt_len, "new_tokens": shape.new_tokens,
                         "steps": shape.steps, "mesh": dict(shape.mesh)}
         if not gen["fits"] and suggest:
-            gen["suggestion"] = _search(generate_candidates(shape, topo.num_devices, heads), build_gen,
-                                        lambda o: None, topo.hbm_bytes_per_device)
+            gen["suggestion"] = search_ladder(generate_candidates(shape, topo.num_devices, heads), build_gen,
+                                              lambda o: None, topo.hbm_bytes_per_device)
         out["generate"] = gen
     return out
 

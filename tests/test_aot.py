@@ -199,7 +199,7 @@ def test_out_of_memory_gives_fits_false_and_a_verified_change(capsys, tmp_path):
 
     given = ["mesh.data=4", "micro_batch_size=2", "n_samples_before_backprop=16"]
     launched = config_lib.load_config(TINY, [*given, *(x[len("--config."):] for x in lines)], validate=False)
-    compiled = plan_tpu._with(config_lib.load_config(TINY, given, validate=False), s["overrides"])
+    compiled = plan_tpu.with_overrides(config_lib.load_config(TINY, given, validate=False), s["overrides"])
     for key in ("mesh", "sharding_rules", "remat_policy", "micro_batch_size"):
         assert launched.to_dict()[key] == compiled.to_dict()[key], key
     # the roofline epoch time of the suggestion, labelled as a lower bound
