@@ -50,7 +50,7 @@ class Chip:
     peak_flops: float  # bf16 FLOP/s
     hbm_bytes: int
     hbm_bandwidth: float  # bytes/s
-    cores: int  # TensorCores: a chip of 2 without megacore is 2 JAX devices (v4 here)
+    cores: int  # TensorCores per chip; in megacore mode (Cloud TPU VMs' default) one JAX device
     source: str
     accelerator: str  # GCP accelerator-type prefix (v5litepod-8, ...)
 
@@ -64,7 +64,7 @@ CHIPS: dict[str, Chip] = {
 }
 
 TPU_INSTALL_HINT = ("ahead-of-time compilation for a TPU topology needs libtpu, which is not installed: "
-                    "`pip install -e '.[tpu]'` (or ./install.sh --tpu; libtpu must match the pinned jax), "
+                    "`./install.sh` (or `pip install -e '.[tpu]'`: libtpu must match the pinned jax), "
                     "then run `l2d-jax plan` again")
 
 
@@ -130,8 +130,12 @@ def topology(name: str, hbm_budget: int | None = None) -> Topology:
         os.environ.setdefault(k, v)
     from jax.experimental import topologies
 
+    # Two-TensorCore chips (v4, v5p) run in megacore mode on Cloud TPU VMs: one JAX device of the
+    # chip's whole HBM (a v4-8 VM has 4 devices of 32 GiB). libtpu's compile-only default for v4
+    # is one device per core (8 of 16 GiB), a mesh the real slice would refuse.
+    options = {"chip_config_name": "megacore"} if CHIPS[m.group(1)].cores == 2 else {}
     try:
-        topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
+        topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **options)
     except (RuntimeError, ImportError, NotImplementedError, ValueError) as e:
         msg = " ".join(str(e).split())
         if "support not installed" in msg or "libtpu" in msg.lower() and "not found" in msg.lower():

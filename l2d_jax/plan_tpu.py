@@ -352,7 +352,7 @@ def markdown_table(rows: Sequence[Mapping], meta: Mapping) -> str:
              "token at the benchmark's largest step count). Not fitting: the smallest change found that",
              "fits, itself compiled. Shapes: the config's mesh (data over all devices unless set), train at",
              "the longest bucket; generate at `configs/benchmark.py` (batch, prompt bucket, new tokens).",
-             "A v4 chip is two devices here (two TensorCores, 16 GiB each); the other chips one. Compile",
+             "Every chip is one device, as on Cloud TPU VMs (v4 and v5p in megacore mode: v4-8 = 4 x 32 GiB). Compile",
              "times depend on the host's load (README: the figures' conditions).",
              "",
              "| config | slice (devices) | train as planned | train | generate (eval mesh) | generate |",
