@@ -289,12 +289,12 @@ def latest_export_or_checkpoint(workdir: str | os.PathLike) -> Path:
     training checkpoint ``WORKDIR/checkpoints/<step>``. Raises L2DError when there is neither."""
     wd = storage.as_path(workdir, arrays=True)
     if (wd / EXPORT / MANIFEST).is_file():
-        return storage.native(wd / EXPORT)
+        return storage.native(workdir) / EXPORT  # as the caller wrote it (relative stays relative)
     ckpts = wd / CHECKPOINTS
     steps = sorted((int(p.name) for p in (ckpts.iterdir() if ckpts.is_dir() else ()) if p.name.isdigit()
                     and (p / "state").is_dir()), reverse=True)
     if steps:
-        return storage.native(wd / CHECKPOINTS / str(steps[0]))
+        return storage.native(workdir) / CHECKPOINTS / str(steps[0])
     raise L2DError(f"{wd} holds neither an export ({EXPORT}/{MANIFEST}) nor a training checkpoint "
                    f"({CHECKPOINTS}/<step>/)")
 
