@@ -373,7 +373,7 @@ def test_sigterm_then_resume_with_the_workdir_in_the_bucket(gcs):
     wd = f"{gcs}/runs/preempted"
     proc = _spawn_train(wd)
     t0 = time.time()
-    while f"runs/preempted/checkpoints/2/commit_success.txt" not in _objects(wd + "/"):
+    while "runs/preempted/checkpoints/2/commit_success.txt" not in _objects(wd + "/"):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() - t0 < 600, "no checkpoint after 10 minutes"
         time.sleep(0.5)
@@ -389,4 +389,4 @@ def test_sigterm_then_resume_with_the_workdir_in_the_bucket(gcs):
     assert f"resumed from {wd}/checkpoints/{max(saved)}" in err
     steps = [json.loads(x)["step"] for x in _read(f"{wd}/metrics.jsonl").splitlines() if '"loss"' in x]
     assert steps == list(range(1, 9))  # one clean run: the steps redone after the resume appear once
-    assert f"runs/preempted/export/l2d_jax.json" in _objects(wd + "/export/")
+    assert "runs/preempted/export/l2d_jax.json" in _objects(wd + "/export/")
