@@ -288,6 +288,14 @@ def test_l2d_checkpoint_with_tokenizer_loads_from_the_bucket(gcs):
     with pytest.raises(FileNotFoundError, match="gs://l2d-test/nothing/here does not exist"):
         loading.load_any(f"{gcs}/nothing/here")
 
+    base_ckpt = f"{gcs}/ckpts/tiny-base"  # a converted base model (what `convert gguf ... gs://` writes)
+    checkpoint.save_checkpoint(base_ckpt, base_params=want["base"], hf_config=HF_CONFIG, tokenizer=tok,
+                               kind="base", dtype="float32")
+    base, base_tok = loading.load(base_ckpt)
+    assert type(base).__name__ == "LLM" and base_tok is not None
+    for x, y in zip(jax.tree.leaves(want["base"]), jax.tree.leaves(nnx.to_pure_dict(nnx.state(base, nnx.Param)))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
 
 # --------------------------------------------------------------------------- end to end (slow)
 
