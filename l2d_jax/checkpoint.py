@@ -61,7 +61,7 @@ _MIN_IN_FLIGHT_BYTES = 16 * 2**20
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> epath.Path:
     """Raises unless ``out_dir`` (local or ``gs://``) is absent, empty, or ``overwrite`` is
     set; also when a bucket cannot be reached. Call before slow work. Returns it absolute."""
-    out = storage.check_access(out_dir, arrays=True)
+    out = storage.check_access(out_dir, arrays=True, write=True)
     if out.exists() and not out.is_dir():
         raise L2DError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -470,7 +470,7 @@ def _run_generate(args) -> int:
 
     distributed.initialize_from_env(args.distributed)  # before anything asks JAX for devices
     if args.jsonl:
-        storage.check_access(args.jsonl)  # a bad scheme or bucket fails before the model loads
+        storage.check_access(storage.as_path(args.jsonl).parent, write=True)  # fails before the model loads
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:

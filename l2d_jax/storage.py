@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,15 +83,20 @@ def describe_error(path: PathLike, error: BaseException) -> L2DError:
     return L2DError(f"cannot access {os.fspath(path)} ({type(error).__name__}: {msg}){hint}")
 
 
-def check_access(path: PathLike, *, arrays: bool = False) -> epath.Path:
-    """``as_path(path)``, after checking that it can be reached (a remote bucket: listed once).
+def check_access(path: PathLike, *, arrays: bool = False, write: bool = False) -> epath.Path:
+    """``as_path(path)``, after checking that it can be reached: a remote path is looked up
+    once and, with ``write``, a probe object is written into it and deleted again.
 
-    Call before slow work so that a missing bucket or missing credentials fail in seconds
-    with a clear message instead of after a training step.
+    Call before slow work so that a missing bucket or missing credentials / permissions fail
+    in seconds with a clear message instead of after a training step.
     """
     p = as_path(path, arrays=arrays)
     try:
         p.exists()
+        if write and is_remote(p):
+            probe = p / f".l2d_jax_write_check-{uuid.uuid4().hex}"
+            probe.write_text("")
+            probe.unlink()
     except Exception as e:  # noqa: BLE001 - any client error (auth, network, no bucket)
         raise describe_error(path, e) from e
     return p

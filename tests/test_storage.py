@@ -162,29 +162,45 @@ def test_cli_rejects_unsupported_schemes_before_any_work(capsys, tmp_path):
     assert "error: memory://g.jsonl: memory:// is not supported for outputs" in capsys.readouterr().err
 
 
-def test_refused_credentials_give_one_clear_error():
-    """A stand-in for GCS that answers 401 (what GCS answers without valid credentials)."""
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A stand-in for GCS without valid credentials: reads of metadata answer ``read_status``
+    (404: a readable, empty bucket; 401: nothing readable), every write 403."""
+
+    read_status = 401
+
+    def _answer(self, status: int) -> None:
+        body = json.dumps({"error": {"code": status, "message": f"refused with {status} by the stand-in"}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server's names
+        self._answer(self.read_status)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer(403)
+
+    do_PUT = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("read_status, code", [(401, "401"), (404, "403")])
+def test_refused_credentials_give_one_clear_error(read_status, code):
+    """401 on every read (no valid credentials), or a readable bucket refusing writes (403)."""
     pytest.importorskip("gcsfs", reason="gcsfs (test extra) is not installed")
-
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = b'{"error": {"code": 401, "message": "Anonymous caller does not have storage.objects.list access"}}'
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    handler = type("Refusing", (_Refusing,), {"read_status": read_status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     old = _point_clients_at(f"http://127.0.0.1:{server.server_address[1]}")
     try:
         with pytest.raises(L2DError) as e:
-            storage.check_access("gs://private/run", arrays=True)
+            storage.check_access("gs://private/run", arrays=True, write=True)
     finally:
         _restore_env(old)
         server.shutdown()
@@ -192,7 +208,7 @@ def test_refused_credentials_give_one_clear_error():
         thread.join(5)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("cannot access gs://private/run")
-    assert "401" in msg and "Application Default Credentials" in msg and "GOOGLE_APPLICATION_CREDENTIALS" in msg
+    assert code in msg and "Application Default Credentials" in msg and "GOOGLE_APPLICATION_CREDENTIALS" in msg
 
 
 # --------------------------------------------------------------------------- against the emulator

@@ -1032,7 +1032,7 @@ def run_from_config(cfg, ckpt: str, *, steps=None, out_dir=None, limit=None, tas
     mesh_sizes = {**dict(cfg.get("mesh") or {}), **parse_mesh(mesh)}
     target = load_mesh(mesh_sizes)  # a wrong mesh fails before the weights load
     if out_dir:
-        storage.check_access(out_dir)  # so do an unsupported scheme and an unreachable bucket
+        storage.check_access(out_dir, write=True)  # so do a bad scheme and an unwritable bucket
     if model is None:
         _reject_base_early(ckpt, steps)
         model, tokenizer, desc = loading.load_any(ckpt, dtype=cfg.get("dtype", "float32"),

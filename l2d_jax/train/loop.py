@@ -337,7 +337,7 @@ def train(cfg, workdir: str | os.PathLike, *, config_path: str | os.PathLike | N
 
     main = _is_main()
     _setup_logging()
-    wd = storage.check_access(workdir, arrays=True)  # a bad scheme or bucket fails here, not later
+    wd = storage.check_access(workdir, arrays=True, write=True)  # a bad scheme or bucket fails here
     config_lib.validate_config(cfg)
     cfg_json = _cfg_dict(cfg)
     if main:
