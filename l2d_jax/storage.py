@@ -3,8 +3,11 @@
 Every output of l2d-jax (training workdirs, converted checkpoints, exports, evaluation
 results, ``generate --jsonl``) and every checkpoint it reads may be a local path or a
 ``gs://bucket/path`` (Google Cloud Storage). Arrays go through orbax's tensorstore ``gcs``
-driver, all other files through ``epath`` (tf.io.gfile when TensorFlow is installed, else
-fsspec/gcsfs; ``EPATH_USE_TF=false`` forces fsspec). Other schemes are refused with a clear
+driver, all other files through ``epath``'s fsspec backend (gcsfs, a dependency): importing
+this module sets ``EPATH_USE_TF=false`` unless it is set, because epath would otherwise pick
+tf.io.gfile whenever TensorFlow is installed (it is, for the datasets), a GCS client that no
+test can reach (no endpoint override), while gcsfs is what tests/test_storage.py runs against a
+GCS emulator. ``EPATH_USE_TF=true`` restores tf.io.gfile. Other schemes are refused with a clear
 error: orbax 0.12.8 writes arrays to local files or GCS only, and with TensorFlow installed
 epath sends ``s3://`` / ``az://`` to tf.io.gfile, which no longer implements them.
 
@@ -34,6 +37,9 @@ from pathlib import Path
 from etils import epath
 
 from l2d_jax.errors import L2DError
+
+# epath reads this at every gs:// call: gcsfs, the tested client, rather than tf.io.gfile
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 log = logging.getLogger("l2d_jax.storage")
 

@@ -7,10 +7,10 @@ uses for ``gs://`` -- orbax's arrays through tensorstore's ``gcs`` kvstore drive
 stands in for credentials) and every other file (manifests, orbax metadata and commit
 markers, metrics, config.json, TensorBoard events, evaluation outputs) through ``etils.epath``.
 
-What is NOT exercised: epath's default ``gs://`` backend when TensorFlow is installed is
-tf.io.gfile, whose GCS client has no endpoint override; these tests set ``EPATH_USE_TF=false``
-so that epath uses its fsspec backend (gcsfs, ``STORAGE_EMULATOR_HOST``) instead. Both sit
-behind the same ``epath.Path`` calls. Real credentials (ADC, a TPU VM's service account) are
+epath's backend is its fsspec one (gcsfs, pointed at the emulator with
+``STORAGE_EMULATOR_HOST``), as in production: l2d_jax.storage sets ``EPATH_USE_TF=false``.
+What is NOT exercised: tf.io.gfile (``EPATH_USE_TF=true``, opt-in), whose GCS client has no
+endpoint override. Real credentials (ADC, a TPU VM's service account) are
 not exercised; a 401 from a stand-in server checks the error message for refused credentials.
 """
 
@@ -35,7 +35,7 @@ from l2d_jax.errors import L2DError
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "l2d-test"
-_ENV = {"EPATH_USE_TF": "false", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+_ENV = {"GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
 
 
 def _free_port() -> int:
@@ -136,6 +136,19 @@ def test_paths_and_unsupported_schemes(tmp_path, monkeypatch):
         storage.as_path("s3://b/x", arrays=True)
     with pytest.raises(L2DError, match=r"memory:// is not supported for outputs; use a local path or gs://"):
         storage.as_path("memory://x")
+
+
+def test_gs_files_go_through_gcsfs_the_tested_client():
+    """Importing l2d_jax.storage makes epath use gcsfs for gs:// (not tf.io.gfile, which is
+    installed too and which no test can reach), unless EPATH_USE_TF says otherwise."""
+    from etils.epath import backend
+
+    code = ("import os; os.environ.pop('EPATH_USE_TF', None); import l2d_jax.storage; "
+            "from etils import epath; print(type(epath.Path('gs://b/x')._backend).__name__, "
+            "os.environ['EPATH_USE_TF'])")
+    env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [type(backend.fsspec_backend).__name__, "false"]
 
 
 def test_atomic_write_local_replaces_whole_and_leaves_no_temporary(tmp_path):
