@@ -8,8 +8,8 @@ this module sets ``EPATH_USE_TF=false`` unless it is set, because epath would ot
 tf.io.gfile whenever TensorFlow is installed (it is, for the datasets), a GCS client that no
 test can reach (no endpoint override), while gcsfs is what tests/test_storage.py runs against a
 GCS emulator. ``EPATH_USE_TF=true`` restores tf.io.gfile. Other schemes are refused with a clear
-error: orbax 0.12.8 writes arrays to local files or GCS only, and with TensorFlow installed
-epath sends ``s3://`` / ``az://`` to tf.io.gfile, which no longer implements them.
+error: orbax 0.12.8 writes arrays to local files or GCS only, and the fsspec clients for
+``s3://`` / ``az://`` (s3fs, adlfs) are not dependencies.
 
 Credentials for ``gs://`` are Google's Application Default Credentials
 (``gcloud auth application-default login``, or ``GOOGLE_APPLICATION_CREDENTIALS`` naming a
