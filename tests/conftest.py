@@ -14,6 +14,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # for `import tiny_models`
     sys.path.insert(0, str(TESTS_DIR))
 
+from gcs_emulator import gcs  # noqa: E402, F401  (fixture: fake-gcs-server on 127.0.0.1)
+
 _SHARED_GOLDENS = Path("/work/shared/goldens")
 
 

