@@ -28,17 +28,13 @@ def point_clients_at(url: str | None) -> dict:
     previous values (None: unset) for ``restore_env``."""
     env = {**_ENV, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
     old = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _reset_client_caches()
+    restore_env(env)
     return old
 
 
-def restore_env(old: dict) -> None:
-    for k, v in old.items():
+def restore_env(values: dict) -> None:
+    """Sets each variable to its value (None: unset) and forgets the clients' cached endpoints."""
+    for k, v in values.items():
         if v is None:
             os.environ.pop(k, None)
         else:
