@@ -47,8 +47,7 @@ def checkpoint_sizes(cfg, *, preset: str | None = None) -> dict:
     import numpy as np
     from flax import nnx
 
-    from l2d_jax.convert.names import get_param
-    from l2d_jax.convert.original_names import original_names
+    from l2d_jax.convert.original_names import original_tensors
 
     llm_cfg, settings, train_state, frozen_state, _ = plan_lib.model_parts(cfg, preset)
     train_pure, frozen_pure = nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
@@ -61,10 +60,7 @@ def checkpoint_sizes(cfg, *, preset: str | None = None) -> dict:
     step_and_key = np.dtype(np.int32).itemsize + 2 * np.dtype(np.uint32).itemsize  # TrainState.step, .key
     state = trainable_f32 + nbytes(opt_state) + step_and_key
 
-    pure = nnx.to_pure_dict(nnx.state(plan_lib.abstract_model(llm_cfg, settings)))
-    entries = original_names(settings, llm_cfg)
-    by_name = {e.name: e for e in entries}
-    numel = sum(int(math.prod(get_param(pure, by_name[e.alias_of or e.name].path).shape)) for e in entries)
+    numel = sum(math.prod(t.shape) for t in original_tensors(plan_lib.abstract_model(llm_cfg, settings)))
     return {"train_checkpoint_bytes": state,
             "export_bytes": nbytes(frozen_pure) + trainable_f32,
             "original_state_dict_bytes": {"float32": 4 * numel, "bfloat16": 2 * numel},
