@@ -146,13 +146,8 @@ def save_checkpoint(out_dir: str | os.PathLike, *, base_params: Mapping, hf_conf
 
 def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
     """The checked ``l2d_jax.json`` of a converted checkpoint directory (local or ``gs://``)."""
-    ckpt = storage.as_path(ckpt_dir, arrays=True)
-    path = ckpt / MANIFEST
-    try:
-        exists = ckpt.exists()
-    except Exception as e:  # noqa: BLE001 - a bucket that cannot be reached
-        raise storage.describe_error(ckpt_dir, e) from e
-    if not exists:
+    path = storage.as_path(ckpt_dir, arrays=True) / MANIFEST
+    if not storage.exists(ckpt_dir, arrays=True):
         raise FileNotFoundError(f"{ckpt_dir} does not exist")
     if not path.is_file():
         raise L2DError(f"{ckpt_dir} is not an l2d-jax checkpoint (no {MANIFEST})")

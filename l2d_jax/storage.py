@@ -89,6 +89,16 @@ def describe_error(path: PathLike, error: BaseException) -> L2DError:
     return L2DError(f"cannot access {os.fspath(path)} ({type(error).__name__}: {msg}){hint}")
 
 
+def exists(path: PathLike, *, arrays: bool = False) -> bool:
+    """Whether ``path`` exists; a bucket that cannot be reached raises ``describe_error``'s
+    one-line ``L2DError`` (with the credentials hint) instead of the client's exception."""
+    p = as_path(path, arrays=arrays)
+    try:
+        return p.exists()
+    except Exception as e:  # noqa: BLE001 - any client error (auth, network, no bucket)
+        raise describe_error(path, e) from e
+
+
 def check_access(path: PathLike, *, arrays: bool = False, write: bool = False) -> epath.Path:
     """``as_path(path)``, after checking that it can be reached: a remote path is looked up
     once and, with ``write``, a probe object is written into it and deleted again.
@@ -96,9 +106,9 @@ def check_access(path: PathLike, *, arrays: bool = False, write: bool = False) -
     Call before slow work so that a missing bucket or missing credentials / permissions fail
     in seconds with a clear message instead of after a training step.
     """
+    exists(path, arrays=arrays)
     p = as_path(path, arrays=arrays)
     try:
-        p.exists()
         if write and is_remote(p):
             probe = p / f".l2d_jax_write_check-{uuid.uuid4().hex}"
             probe.write_text("")
@@ -218,10 +228,11 @@ class Mirror:
             self._tmp = None
 
 
-def native(path: PathLike) -> Path | epath.Path:
+def native(path: PathLike, *, arrays: bool = False) -> Path | epath.Path:
     """``path`` for handing back to callers: a ``pathlib.Path`` when local (as before URIs were
-    supported), an ``epath.Path`` for a URI (``pathlib`` would fold ``gs://`` into ``gs:/``)."""
-    return as_path(path) if is_remote(path) else Path(os.fspath(path)).expanduser()
+    supported), an ``epath.Path`` for a URI (``pathlib`` would fold ``gs://`` into ``gs:/``;
+    ``arrays`` as for ``as_path``)."""
+    return as_path(path, arrays=arrays) if is_remote(path) else Path(os.fspath(path)).expanduser()
 
 
 @contextlib.contextmanager

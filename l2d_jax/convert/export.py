@@ -112,13 +112,12 @@ class _Source:
 def resolve_source(src: str | os.PathLike) -> _Source:
     """What to export for SRC: a converted L2D checkpoint as is; a training workdir's export,
     else its newest checkpoint; a ``checkpoints/<step>`` directory as is. L2DError otherwise."""
-    p = storage.as_path(src, arrays=True) if storage.is_remote(src) else Path(src).expanduser()
+    p = storage.native(src, arrays=True)
     if not storage.is_remote(src) and not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     kind = model_kind(p)  # a bucket that cannot be read, or a missing remote path, raises here
     if kind == "workdir" and not (p / "state").is_dir():
-        p = latest_export_or_checkpoint(p)  # L2DError naming both when there is neither
-        p = storage.as_path(p, arrays=True) if storage.is_remote(p) else Path(p)
+        p = latest_export_or_checkpoint(p)  # L2DError naming both when there is neither (p's kind of path)
         kind = model_kind(p)
     if kind not in ("l2d", "workdir"):
         raise L2DError(f"{p} is neither a training workdir nor a converted L2D checkpoint (it is a base "

@@ -374,11 +374,7 @@ def model_kind(ckpt) -> str:
     (not a local path: a hub id of a base model). ``ckpt`` may be ``gs://...``."""
     if storage.is_remote(str(ckpt)):
         p = storage.as_path(str(ckpt), arrays=True)
-        try:
-            found = p.exists()
-        except Exception as e:  # noqa: BLE001 - a bucket that cannot be reached
-            raise storage.describe_error(str(ckpt), e) from e
-        if not found:
+        if not storage.exists(p, arrays=True):
             raise FileNotFoundError(f"{ckpt} does not exist")
     else:
         p = Path(str(ckpt)).expanduser()
