@@ -146,12 +146,13 @@ class MetricsLogger:
             self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(numeric, step=step)
-        if self.files is not None and self.files.remote is not None:
-            self._sync_mirror()
+        self._sync_mirror()
 
     def _sync_mirror(self, force: bool = False) -> None:
-        """Uploads the local mirror's new event files (a remote workdir), at most every
-        ``REMOTE_FLUSH_S`` seconds unless ``force``."""
+        """Uploads the local mirror's new event files (a remote workdir; nothing for a local
+        one), at most every ``REMOTE_FLUSH_S`` seconds unless ``force``."""
+        if self.files is None or self.files.remote is None:
+            return
         if force or time.monotonic() - self._synced_at >= REMOTE_FLUSH_S:
             self.writer.flush()
             self.files.sync()
@@ -177,8 +178,7 @@ class MetricsLogger:
         self.writer.flush()
         if self.jsonl is not None:
             self.jsonl.flush()
-        if self.files is not None and self.files.remote is not None:
-            self._sync_mirror()
+        self._sync_mirror()
 
     def close(self) -> None:
         self.flush()
