@@ -86,15 +86,16 @@ def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None]
     key: one raw key (2,) or one per batch row (B, 2), needed for x1 sampling at T > 0;
     temperature: run-time override of a constant schedule; guided: mix conditional and
     unconditional velocities with weight ``guidance``. t may be a scalar or (B,), one time
-    per batch row (adaptive solvers in per-sequence mode).
+    per batch row (adaptive solvers in per-sequence mode; continuous batching, where delta,
+    temperature and guidance may be (B,) too).
     """
-    def temp_at(t):
+    def temp_at(t, d):
         if temperature is not None:
             return temperature
-        return diffusion.temperature_at(opts.temperature, t + delta)
+        return diffusion.temperature_at(opts.temperature, t + d)
 
-    def x1_of(logits, t, k):
-        return diffusion.estimate_x1(logits, table, opts.x1_estimation, temp_at(t), key=k,
+    def x1_of(logits, t, k, d=delta):
+        return diffusion.estimate_x1(logits, table, opts.x1_estimation, temp_at(t, d), key=k,
                                      clamp=opts.clamp, normalize=opts.normalize_x1, rescaling=opts.rescaling)
 
     def one(x, t, conditional):
@@ -107,7 +108,8 @@ def make_velocity(flow_logits: Callable[[jax.Array, jax.Array, jax.Array | None]
                     jnp.arange(t.shape[0]), salt)
             elif key is not None:
                 keys = jax.vmap(jax.random.fold_in)(key, salt)
-            x1 = jax.vmap(x1_of)(logits, t, keys)
+            per_row = jnp.broadcast_to(delta, t.shape)
+            x1 = jax.vmap(x1_of)(logits, t, keys, per_row)
             t_rows = t.reshape(t.shape + (1,) * (x.ndim - 2))
             return diffusion.velocity(x1.astype(x.dtype), x, t_rows.astype(x.dtype), opts.velocity_schedule)
         if key is None:

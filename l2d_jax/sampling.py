@@ -60,3 +60,27 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k: int = 
     # temperature and top_p are run-time scalars: cond skips the path that is not taken
     return jax.lax.cond(temperature > 0, draw,
                         lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32), None)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Each row its own sampler, every setting a run-time (B,) array (continuous batching):
+    row r draws what ``sample_tokens(logits[r:r+1], keys[r:r+1], temperature[r], top_k[r],
+    top_p[r])`` draws. logits (B, V), keys (B, 2) -> tokens (B,) int32."""
+    logits = logits.astype(jnp.float32)
+    t = jnp.asarray(temperature, jnp.float32)
+    top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+    v = logits.shape[-1]
+    scaled = logits / jnp.where(t > 0, t, 1.0)[:, None]
+    cut_k = (top_k > 0) & (top_k < v) & (t > 0)
+
+    def keep_top_k(x):  # the k-th largest value per row, as filter_top_k's lax.top_k finds it
+        kth = jnp.take_along_axis(-jnp.sort(-x, axis=-1), jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=-1)
+        return jnp.where(cut_k[:, None] & (x < kth), -jnp.inf, x)
+
+    # each filter sorts the vocabulary: only when some row asks for it
+    scaled = jax.lax.cond(cut_k.any(), keep_top_k, lambda x: x, scaled)
+    scaled = jax.lax.cond(((top_p < 1.0) & (t > 0)).any(), lambda x: filter_top_p(x, top_p[:, None]),
+                          lambda x: x, scaled)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(t > 0, drawn, jnp.argmax(logits, axis=-1).astype(jnp.int32))

@@ -151,54 +151,39 @@ def _cast(x: jax.Array, like: jax.Array) -> jax.Array:
     return x.astype(like.dtype)
 
 
-def _euler_step(f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree:
-    k1 = f(ts[0], y0)
-    return jax.tree.map(lambda y, a: y + _cast(dt, y) * a, y0, k1)
-
-
-def _midpoint_step(f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree:
-    half = 0.5 * dt
-    k1 = f(ts[0], y0)
-    y_mid = jax.tree.map(lambda y, a: y + a * _cast(half, y), y0, k1)
-    k2 = f(ts[1], y_mid)
-    return jax.tree.map(lambda y, b: y + _cast(dt, y) * b, y0, k2)
-
-
-def _heun2_step(f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree:
-    k1 = f(ts[0], y0)
-    k2 = f(ts[1], jax.tree.map(lambda y, a: y + _cast(dt, y) * a, y0, k1))
-    return jax.tree.map(lambda y, a, b: y + _cast(dt, y) * (a * 0.5 + b * 0.5), y0, k1, k2)
-
-
-def _heun3_step(f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree:
-    k1 = f(ts[0], y0)
-    k2 = f(ts[1], jax.tree.map(lambda y, a: y + _cast(dt, y) * a * (1 / 3), y0, k1))
-    k3 = f(ts[2], jax.tree.map(lambda y, b: y + _cast(dt, y) * (b * (2 / 3)), y0, k2))
-    return jax.tree.map(lambda y, a, c: y + _cast(dt, y) * (a * 0.25 + c * 0.75), y0, k1, k3)
-
-
-def _rk4_step(f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree:
-    """torchdiffeq's ``rk4`` (rk4_alt_step_func, the 3/8 rule)."""
-    k1 = f(ts[0], y0)
-    k2 = f(ts[1], jax.tree.map(lambda y, a: y + _cast(dt, y) * a * (1 / 3), y0, k1))
-    k3 = f(ts[2], jax.tree.map(lambda y, a, b: y + _cast(dt, y) * (b - a * (1 / 3)), y0, k1, k2))
-    k4 = f(ts[3], jax.tree.map(lambda y, a, b, c: y + _cast(dt, y) * (a - b + c), y0, k1, k2, k3))
-    return jax.tree.map(
-        lambda y, a, b, c, d: y + (a + 3 * (b + c) + d) * _cast(dt, y) * 0.125, y0, k1, k2, k3, k4
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class FixedGridSolver:
-    """A fixed-grid method: where its stages evaluate the velocity within a step
-    (``stage_times(t0, dt, t1)``), one step (``step(f, ts, dt, y0)``) and the stage count."""
+    """A fixed-grid explicit Runge-Kutta method, stage by stage: where its stages evaluate
+    the velocity within a step (``stage_times(t0, dt, t1)``), the state each later stage
+    evaluates it at (``inputs[j - 1](y0, dt, ks)`` from the earlier stages' velocities ks;
+    stage 0 at y0) and the next state (``combine(y0, dt, ks)``), on array leaves, in
+    torchdiffeq's order of operations. ``step`` runs one step; continuous batching
+    (``serving/slots.py``) runs the stages one at a time, each batch row at its own stage."""
 
     stage_times: Callable
-    step: Callable
+    inputs: tuple[Callable, ...]
+    combine: Callable
 
     @property
     def stages(self) -> int:
-        return len(self.stage_times(0.0, 0.0, 0.0))
+        return len(self.inputs) + 1
+
+    def stage_input(self, j: int, dt: jax.Array, y0: PyTree, ks: list[PyTree]) -> PyTree:
+        """The state stage j evaluates the velocity at (ks: the velocities of stages < j)."""
+        if j == 0:
+            return y0
+        return jax.tree.map(lambda y, *k: self.inputs[j - 1](y, dt, k), y0, *ks[:j])
+
+    def next_state(self, dt: jax.Array, y0: PyTree, ks: list[PyTree]) -> PyTree:
+        """The state after the step, from every stage's velocity ks."""
+        return jax.tree.map(lambda y, *k: self.combine(y, dt, k), y0, *ks)
+
+    def step(self, f: VelocityFn, ts: jax.Array, dt: jax.Array, y0: PyTree) -> PyTree:
+        """One step from y0 with stage times ts (S,) and step size dt."""
+        ks: list[PyTree] = []
+        for j in range(self.stages):
+            ks.append(f(ts[j], self.stage_input(j, dt, y0, ks)))
+        return self.next_state(dt, y0, ks)
 
 
 # The one registry of ODE methods: the fixed-grid ones here (and their aliases), the adaptive
@@ -208,11 +193,25 @@ class FixedGridSolver:
 # Stage times of one step from (t0, dt, t1), float32 numpy arrays, in torchdiffeq's order
 # of operations (every op rounded to float32; torch runs them as separate kernels).
 FIXED_GRID = {
-    "euler": FixedGridSolver(lambda t0, dt, t1: (t0,), _euler_step),
-    "midpoint": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + np.float32(0.5) * dt), _midpoint_step),
-    "heun2": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + dt * np.float32(1.0)), _heun2_step),
-    "heun3": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS), _heun3_step),
-    "rk4": FixedGridSolver(lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS, t1), _rk4_step),
+    "euler": FixedGridSolver(lambda t0, dt, t1: (t0,), (), lambda y, dt, k: y + _cast(dt, y) * k[0]),
+    "midpoint": FixedGridSolver(
+        lambda t0, dt, t1: (t0, t0 + np.float32(0.5) * dt),
+        (lambda y, dt, k: y + k[0] * _cast(0.5 * dt, y),),
+        lambda y, dt, k: y + _cast(dt, y) * k[1]),
+    "heun2": FixedGridSolver(
+        lambda t0, dt, t1: (t0, t0 + dt * np.float32(1.0)),
+        (lambda y, dt, k: y + _cast(dt, y) * k[0],),
+        lambda y, dt, k: y + _cast(dt, y) * (k[0] * 0.5 + k[1] * 0.5)),
+    "heun3": FixedGridSolver(
+        lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS),
+        (lambda y, dt, k: y + _cast(dt, y) * k[0] * (1 / 3), lambda y, dt, k: y + _cast(dt, y) * (k[1] * (2 / 3))),
+        lambda y, dt, k: y + _cast(dt, y) * (k[0] * 0.25 + k[2] * 0.75)),
+    # torchdiffeq's ``rk4`` (rk4_alt_step_func, the 3/8 rule)
+    "rk4": FixedGridSolver(
+        lambda t0, dt, t1: (t0, t0 + dt * _THIRD, t0 + dt * _TWO_THIRDS, t1),
+        (lambda y, dt, k: y + _cast(dt, y) * k[0] * (1 / 3), lambda y, dt, k: y + _cast(dt, y) * (k[1] - k[0] * (1 / 3)),
+         lambda y, dt, k: y + _cast(dt, y) * (k[0] - k[1] + k[2])),
+        lambda y, dt, k: y + (k[0] + 3 * (k[1] + k[2]) + k[3]) * _cast(dt, y) * 0.125),
 }
 FIXED_GRID_METHODS = tuple(FIXED_GRID) + tuple(_ALIASES)
 

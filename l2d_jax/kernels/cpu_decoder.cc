@@ -3,8 +3,9 @@
 // cache) or the L2D flow stream of an ODE evaluation (reading the main stream's cache).
 //
 // Args: h (M, H) the stream's input (one row per sequence, one new position each); cos, sin
-// (M, hd) its RoPE rotation; mask (M, S) bool the cache slots it attends to; slot () int32 the
-// cache slot of the new position; k, v (L, M, Hkv, S, hd) the stacked cache; modulation
+// (M, hd) its RoPE rotation; mask (M, S) bool the cache slots it attends to; slot () or (M,)
+// int32 the cache slot of the new position (of every row, or of each row); k, v
+// (L, M, Hkv, S, hd) the stacked cache; modulation
 // (L, F, R, H) with R = 1 (shared by the rows) or M: per layer the effective RMSNorm weights
 // norm1, norm2 and, with F = 6, the shifts and scales shift1, scale1, shift2, scale2; then 28
 // buffers stacked over the L layers (the model's own stacked parameters, read in place): for
@@ -225,8 +226,12 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
   if (mask_b->dimensions().size() != 2 || mask_b->dimensions()[0] != M || mask_b->dimensions()[1] != S ||
       cos_b->element_count() != M * hd || sin_b->element_count() != M * hd)
     return Fail("mask must be (M, S) and cos / sin (M, hd)");
-  const int64_t slot = *reinterpret_cast<const int32_t*>(slot_b->untyped_data());
-  if (write_kv && (slot < 0 || slot >= S)) return Fail("slot outside the cache");
+  const int64_t slot_count = slot_b->element_count();
+  if (slot_count != 1 && slot_count != M) return Fail("slot must be () or (M,)");
+  const int32_t* slot_p = reinterpret_cast<const int32_t*>(slot_b->untyped_data());
+  auto slot = [&](int64_t m) -> int64_t { return slot_p[slot_count == 1 ? 0 : m]; };
+  for (int64_t m = 0; write_kv && m < slot_count; ++m)
+    if (slot_p[m] < 0 || slot_p[m] >= S) return Fail("slot outside the cache");
   if (rets.size() != (write_kv ? 3u : 1u)) return Fail("expected out (and k, v with write_kv)");
   auto out_b = rets.get<ffi::AnyBuffer>(0);
   if (!out_b.has_value()) return Fail("bad result");
@@ -336,7 +341,7 @@ ffi::Error DecoderImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remai
           for (int64_t m = 0; m < M; ++m) {
             float* x = y + m * n + head * hd;
             if (j != kV) Rope(x, cosp + m * hd, sinp + m * hd, hd);
-            if (j != kQ) std::copy(x, x + hd, (j == kK ? kc : vc) + (((l * M + m) * Hkv + head) * S + slot) * hd);
+            if (j != kQ) std::copy(x, x + hd, (j == kK ? kc : vc) + (((l * M + m) * Hkv + head) * S + slot(m)) * hd);
           }
         }
       });

@@ -92,7 +92,8 @@ def run(h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax
     writes cache layer i.
 
     cos / sin (M, hd) RoPE of the new position; mask (M, S) bool the cache slots it attends
-    to; slot: cache slot of the new position (written with ``write_kv``); cache {"k", "v"}
+    to; slot: cache slot of the new position (written with ``write_kv``), one for every row or
+    (M,) one per row; cache {"k", "v"}
     (L, M, Hkv, S, hd); modulation (L, F, R, H), R = 1 (every row) or M: per layer the
     effective RMSNorm weights norm1, norm2 and, with F = 6, shift1, scale1, shift2, scale2
     (``llm.Modulation``'s order). Returns (h_out (M, H), cache) (the same cache without

@@ -107,10 +107,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
     """(B, Tq, S) bool: query at slot q may read cache slot s <= q where kv_valid.
 
-    q_slots (Tq,) int cache slots of the queries; kv_valid (B, S) bool.
+    q_slots (Tq,) int cache slots of the queries, or (B, Tq): each row its own; kv_valid (B, S) bool.
     """
     s = jnp.arange(kv_valid.shape[1])
-    return (s[None, None, :] <= q_slots[None, :, None]) & kv_valid[:, None, :]
+    q = q_slots if q_slots.ndim == 2 else q_slots[None]
+    return (s[None, None, :] <= q[:, :, None]) & kv_valid[:, None, :]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -194,7 +195,17 @@ def project(x: jax.Array, projs: Sequence[Projection], dtype, *, lora_scale: flo
 
 def write_kv(cache: dict, layer: jax.Array | int, k: jax.Array, v: jax.Array, cache_index: jax.Array | int) -> dict:
     """The stacked cache with layer ``layer``'s slots [cache_index, cache_index + T) set to
-    k / v (B, T, Hkv, hd); only those slots are written (in place in a loop or scan)."""
+    k / v (B, T, Hkv, hd); only those slots are written (in place in a loop or scan).
+    cache_index: one slot for every row, or (B,) one per row (then T = 1: a scatter)."""
+    if jnp.ndim(cache_index) == 1:
+        if k.shape[1] != 1:
+            raise ValueError("a per-row cache_index writes one position per row (T = 1)")
+        rows = jnp.arange(k.shape[0])
+
+        def scatter(buf, x):  # buf[layer, b, :, cache_index[b]] = x[b, 0]
+            return buf.at[layer, rows, :, cache_index].set(x[:, 0].astype(buf.dtype))
+        return {"k": scatter(cache["k"], k), "v": scatter(cache["v"], v)}
+
     def put(buf, x):
         zero = jnp.zeros((), jnp.int32)
         start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)

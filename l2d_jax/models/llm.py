@@ -255,7 +255,7 @@ class DecoderLayer(nnx.Module):
 
 
 class LLMOutput(NamedTuple):
-    logits: jax.Array  # (B, T, V) float32
+    logits: jax.Array | None  # (B, T, V) float32 (None: asked for h_L only)
     hidden: jax.Array  # (B, T, H) last hidden state BEFORE the final norm (h_L)
     cache: dict | None
 
@@ -298,15 +298,17 @@ class LLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None, cache: dict | None = None,
                  cache_index: jax.Array | int = 0, kv_valid: jax.Array | None = None,
-                 kernels: Kernels = XLA, remat: str = "none") -> LLMOutput:
+                 kernels: Kernels = XLA, remat: str = "none", head: bool = True) -> LLMOutput:
         """Forward pass.
 
         input_ids (B, T); positions (B, T) RoPE positions (default 0..T-1).
         Without a cache: attention_mask (B, T) (1 = real token) masks padded keys.
         With a cache: the new tokens go to slots [cache_index, cache_index + T) and kv_valid
-        (B, S) says which cache slots hold real tokens (including the new ones).
+        (B, S) says which cache slots hold real tokens (including the new ones); cache_index
+        may be (B,), one slot per row, for one new token per row (continuous batching).
         kernels: the CPU kernels allowed (``kernels.backend``); remat: the scanned block's
-        rematerialisation policy (``block.REMAT_POLICIES``).
+        rematerialisation policy (``block.REMAT_POLICIES``); head: False skips the LM head
+        (``logits`` None) for a caller that only needs h_L.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -316,7 +318,7 @@ class LLM(nnx.Module):
         rope = self.rope(positions)
         h = self.embed(input_ids)
         if cache is not None and t == 1 and kernels.decoder:
-            out = self._kernel_step(h[:, 0], rope, mask[:, 0], cache, cache_index, kernels)
+            out = self._kernel_step(h[:, 0], rope, mask[:, 0], cache, cache_index, kernels, head)
             if out is not None:
                 return out
         stacked, layer_of = layer_slices(self.layers)
@@ -330,9 +332,9 @@ class LLM(nnx.Module):
             return (h, None if cache is None else kv), None
 
         (h, cache), _ = scan_layers(body, (h, cache), (stacked, jnp.arange(self.cfg.num_layers)), remat)
-        return LLMOutput(self.head(h, kernels), h, cache)
+        return LLMOutput(self.head(h, kernels) if head else None, h, cache)
 
-    def _kernel_step(self, h, rope, mask, cache, cache_index, kernels) -> LLMOutput | None:
+    def _kernel_step(self, h, rope, mask, cache, cache_index, kernels, head: bool) -> LLMOutput | None:
         """One new position per sequence, h (B, H), through the whole stack in one
         ``cpu_decoder`` call (its k / v written into the cache); None where it does not apply."""
         weights, norms = self.layers.weights(), self.layers.norms()
@@ -342,11 +344,12 @@ class LLM(nnx.Module):
         out, cache = cpu_decoder.run(h, rope[0][:, 0], rope[1][:, 0], mask, cache_index, cache, weights,
                                      stacked_norms, num_heads=self.cfg.num_heads, eps=self.cfg.rms_norm_eps,
                                      write_kv=True)
-        return LLMOutput(self.head(out[:, None], kernels), out[:, None], cache)
+        return LLMOutput(self.head(out[:, None], kernels) if head else None, out[:, None], cache)
 
     def mask(self, t: int, *, attention_mask=None, cache=None, cache_index=0, kv_valid=None):
-        """(B, T, S) attention mask shared by the main and the flow streams."""
-        q_slots = cache_index + jnp.arange(t)
+        """(B, T, S) attention mask shared by the main and the flow streams; cache_index
+        a scalar or (B,) (one slot per row)."""
+        q_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(t)
         if cache is None:
             valid = (jnp.ones((1, t), bool) if attention_mask is None else attention_mask.astype(bool))
         else:
