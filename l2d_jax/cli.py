@@ -201,6 +201,8 @@ def _add_bench(subparsers) -> None:
     from l2d_jax.bench_train import add_parser as add_bench_train
 
     add_bench_train(kinds)  # l2d-jax bench train (l2d_jax/bench_train.py)
+    from l2d_jax.bench_serve import add_parser as add_bench_serve
+    add_bench_serve(kinds)  # l2d-jax bench serve (l2d_jax/bench_serve.py)
 
 
 def _run_bench_forward(args) -> int:
