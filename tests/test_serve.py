@@ -1,0 +1,350 @@
+"""``l2d-jax serve``: the OpenAI API over a live server on 127.0.0.1, through the official
+``openai`` client (raw HTTP where the client hides what is checked: SSE framing, bad JSON)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from l2d_jax.errors import UsageError
+from l2d_jax.serving.api import create_app
+from l2d_jax.serving.requests import EngineClosed, Failed, Finished, QueueFull, Token
+
+NAME = "tiny-l2d"
+
+
+# --------------------------------------------------------------------------- a stand-in engine
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeConfig:
+    slots: int = 4
+    max_seq_len: int = 256
+    max_ode_steps: int = 8
+    default_ode_steps: int | None = None
+    max_queue: int = 16
+
+
+class FakeEngine:
+    """The Engine interface: random tokens (seeded), one thread per request."""
+
+    is_l2d = True
+    num_classes = 0
+
+    def __init__(self, config: FakeConfig, eos_id: int = 2, vocab: int = 128, delay: float = 0.002):
+        self.config, self.eos_id, self.vocab, self.delay = config, eos_id, vocab, delay
+        self.lock = threading.Lock()
+        self.running: dict[int, int] = {}
+        self.cancelled: set[int] = set()
+        self.waiting = 0
+        self.closed = False
+        self.next_id = 0
+        self.tokens_total = self.nfe_total = 0
+
+    def submit(self, req, on_event) -> int:
+        cfg = self.config
+        if req.ode_steps == 1 or req.ode_steps > cfg.max_ode_steps:
+            raise UsageError(f"ode_steps: must be 0 or 2..{cfg.max_ode_steps}, got {req.ode_steps}")
+        if len(req.prompt_ids) >= cfg.max_seq_len:
+            raise UsageError(f"prompt: {len(req.prompt_ids)} tokens, the context holds {cfg.max_seq_len}")
+        with self.lock:
+            if self.closed:
+                raise EngineClosed()
+            if self.waiting >= cfg.max_queue:
+                raise QueueFull()
+            rid = self.next_id = self.next_id + 1
+            self.waiting += 1
+        threading.Thread(target=self._run, args=(rid, req, on_event), daemon=True).start()
+        return rid
+
+    def _run(self, rid, req, on_event):
+        while True:
+            with self.lock:
+                if sum(self.running.values()) + req.n <= self.config.slots:
+                    self.waiting -= 1
+                    self.running[rid] = req.n
+                    break
+            time.sleep(0.001)
+        rng = random.Random(req.seed if req.seed is not None else rid)
+        budget = min(req.max_tokens, self.config.max_seq_len - len(req.prompt_ids))
+        streams = [[rng.randrange(3, self.vocab) for _ in range(budget)] for _ in range(req.n)]
+        nfe_per_token = 2 * (req.ode_steps - 1) if req.ode_steps else 0
+        for step in range(budget):
+            if rid in self.cancelled:
+                break
+            time.sleep(self.delay)
+            for i, s in enumerate(streams):
+                on_event(Token(i, s[step], -0.5))
+            with self.lock:
+                self.tokens_total += req.n
+                self.nfe_total += req.n * nfe_per_token
+        done = step + 1
+        reason = "cancelled" if rid in self.cancelled else "length"
+        with self.lock:
+            del self.running[rid]
+        for i in range(req.n):
+            on_event(Finished(i, reason, done, done * nfe_per_token))
+
+    def cancel(self, request_id: int) -> None:
+        self.cancelled.add(request_id)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"queue_length": self.waiting, "active_slots": sum(self.running.values()),
+                    "slots": self.config.slots, "tokens_total": self.tokens_total, "nfe_total": self.nfe_total,
+                    "requests_total": self.next_id, "compiled_programs": 0}
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.closed = True
+
+
+def failing_submit(req, on_event) -> int:
+    threading.Thread(target=on_event, args=(Failed("device on fire"),), daemon=True).start()
+    return 99
+
+
+# --------------------------------------------------------------------------- a live server
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@contextlib.contextmanager
+def live(engine, tokenizer):
+    """The app on 127.0.0.1 (a free port) in a background thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, NAME), host="127.0.0.1", port=0,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    engine: FakeEngine
+    client: openai.OpenAI
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    engine = FakeEngine(FakeConfig())
+    with live(engine, tokenizer) as url:
+        yield Served(url, engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0))
+
+
+def wait_idle(engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.stats()["active_slots"] or engine.stats()["queue_length"]:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- the routes
+
+
+def test_models_health_metrics(served):
+    assert [m.id for m in served.client.models.list()] == [NAME]
+    assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
+    served.client.completions.create(model=NAME, prompt="w1 w2", max_tokens=3)
+    text = httpx.get(f"{served.url}/metrics").text
+    for name in ("l2d_queue_length", "l2d_active_slots", "l2d_generated_tokens_total", "l2d_nfe_total",
+                 "l2d_time_to_first_token_seconds_bucket", "l2d_time_per_output_token_seconds_count"):
+        assert name in text
+    assert 'l2d_http_requests_total{route="/v1/completions",status="200"}' in text
+
+
+def test_completion_stream_matches_and_ends_with_done(served):
+    kw = dict(model=NAME, prompt="w1 w2 w3", max_tokens=12, seed=7, temperature=1.0)
+    whole = served.client.completions.create(**kw)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert whole.usage.prompt_tokens == 3 and whole.usage.completion_tokens == 12
+    assert whole.usage.total_tokens == 15
+    chunks = list(served.client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with httpx.stream("POST", f"{served.url}/v1/completions", json={**kw, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_chat_plain_and_streamed(served):
+    kw = dict(model=NAME, messages=[{"role": "system", "content": "w5"}, {"role": "user", "content": "w9 w10"}],
+              max_tokens=8, seed=3)
+    whole = served.client.chat.completions.create(**kw)
+    msg = whole.choices[0].message
+    assert msg.role == "assistant" and msg.content and whole.object == "chat.completion"
+    chunks = list(served.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+
+
+def test_ode_steps_extension_counts_nfe(served):
+    def nfe(steps):
+        r = served.client.completions.create(model=NAME, prompt="w1", max_tokens=4, extra_body={"ode_steps": steps})
+        return r.usage.model_extra["nfe"]
+
+    assert nfe(4) > 0
+    assert nfe(0) == 0
+
+
+def test_n_and_logprobs(served):
+    r = served.client.completions.create(model=NAME, prompt="w1 w2", max_tokens=5, n=2, logprobs=1, seed=1)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    for c in r.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
+        assert "".join(lp.tokens) == c.text
+        assert all(c.text.startswith(t, o) for t, o in zip(lp.tokens, lp.text_offset, strict=True))
+    assert r.usage.completion_tokens == 10
+    chat = served.client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "w3"}],
+                                                 max_tokens=4, logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(t.logprob <= 0 and t.bytes == list(t.token.encode()) for t in content)
+
+
+def test_stop_strings_spanning_tokens(served):
+    kw = dict(model=NAME, prompt="w1", max_tokens=16, seed=11)
+    text = served.client.completions.create(**kw).choices[0].text
+    words = text.split(" ")
+    stop = f"{words[3][1:]} {words[4][:2]}"  # the end of one token and the start of the next
+    cut = text[:text.index(stop)]
+    for stream in (False, True):
+        if stream:
+            chunks = list(served.client.completions.create(**kw, stop=[stop, "zzz"], stream=True))
+            got, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            c = served.client.completions.create(**kw, stop=stop).choices[0]
+            got, reason = c.text, c.finish_reason
+        assert (got, reason) == (cut, "stop")
+    wait_idle(served.engine)  # the stop cancelled the engine request
+
+
+def test_concurrent_requests(served):
+    def one(i):
+        return served.client.completions.create(model=NAME, prompt=f"w{i}", max_tokens=6, seed=i)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6 for r in results)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD = [
+    ("model", dict(model="gpt-4"), 404),
+    ("max_tokens", dict(max_tokens=-1), 400),
+    ("max_tokens", dict(max_tokens=10**6), 400),
+    ("ode_steps", dict(ode_steps=40), 400),
+    ("ode_steps", dict(ode_steps=1), 400),
+    ("prompt", dict(prompt=" ".join(["w1"] * 300)), 400),
+    ("prompt", dict(prompt=["w1", "w2"]), 400),
+    ("prompt", dict(prompt=5), 400),
+    ("temperature", dict(temperature="hot"), 400),
+    ("temperature", dict(temperature=3), 400),
+    ("top_p", dict(top_p=0), 400),
+    ("n", dict(n=99), 400),
+    ("n", dict(n=0), 400),
+    ("stop", dict(stop=["a", "b", "c", "d", "e"]), 400),
+    ("messages", dict(messages=[]), 400),
+    ("messages", dict(messages=[{"role": "robot", "content": "hi"}]), 400),
+    ("messages", dict(messages=[{"role": "user", "content": " ".join(["w1"] * 300)}]), 400),
+]
+
+
+@pytest.mark.parametrize("param,fields,status", BAD, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD)])
+def test_bad_input_names_the_field(served, param, fields, status):
+    chat = "messages" in fields
+    body = {"model": NAME, **({"messages": [{"role": "user", "content": "w1"}]} if chat else {"prompt": "w1"}),
+            "max_tokens": 4, **fields}
+    r = httpx.post(f"{served.url}/v1/{'chat/completions' if chat else 'completions'}", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param), error
+    assert served.client.completions.create(model=NAME, prompt="w1", max_tokens=2).choices[0].text
+
+
+def test_bad_requests_through_the_client_and_raw(served):
+    with pytest.raises(openai.NotFoundError, match="model"):
+        served.client.completions.create(model="nope", prompt="w1")
+    with pytest.raises(openai.BadRequestError) as e:
+        served.client.completions.create(model=NAME, prompt="w1", extra_body={"ode_steps": 99})
+    assert e.value.body["param"] == "ode_steps"
+    r = httpx.post(f"{served.url}/v1/completions", content=b'{"model": "tiny',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{served.url}/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 2,
+                                                        "user": "u1", "frequency_penalty": 0})
+    assert r.status_code == 200  # unknown fields are ignored
+    assert httpx.get(f"{served.url}/v2/nothing").json()["error"]["type"] == "invalid_request_error"
+
+
+def test_engine_failure_is_a_500_for_that_request_only(served, monkeypatch):
+    monkeypatch.setattr(served.engine, "submit", failing_submit)
+    with pytest.raises(openai.InternalServerError, match="device on fire"):
+        served.client.completions.create(model=NAME, prompt="w1")
+    with pytest.raises(openai.APIError, match="device on fire"):
+        list(served.client.completions.create(model=NAME, prompt="w1", stream=True))
+    monkeypatch.undo()
+    assert served.client.completions.create(model=NAME, prompt="w1", max_tokens=2).choices[0].text
+
+
+# --------------------------------------------------------------------------- load and disconnects
+
+
+def test_full_queue_answers_429(tokenizer):
+    engine = FakeEngine(FakeConfig(slots=1, max_queue=1), delay=0.05)
+    with live(engine, tokenizer) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client.completions.create, model=NAME, prompt="w1", max_tokens=20)
+                       for _ in range(4)]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result().choices[0].finish_reason)
+                except openai.RateLimitError:
+                    outcomes.append(429)
+        assert 429 in outcomes and "length" in outcomes
+
+
+def test_client_disconnect_frees_the_slot(served):
+    user = {"messages": [{"role": "user", "content": "w1"}]}
+    for path, body in (("completions", {"prompt": "w1"}), ("chat/completions", user)):
+        with httpx.stream("POST", f"{served.url}/v1/{path}",
+                          json={"model": NAME, "max_tokens": 200, "stream": True, **body}) as r:
+            next(r.iter_lines())
+            assert served.engine.stats()["active_slots"] == 1
+        wait_idle(served.engine)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 200},
+                   timeout=0.05)
+    wait_idle(served.engine)
