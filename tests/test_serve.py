@@ -40,6 +40,7 @@ class FakeEngine:
 
     is_l2d = True
     num_classes = 0
+    default_ode_steps = 8
 
     def __init__(self, config: FakeConfig, eos_id: int = 2, vocab: int = 128, delay: float = 0.002):
         self.config, self.eos_id, self.vocab, self.delay = config, eos_id, vocab, delay
@@ -53,6 +54,8 @@ class FakeEngine:
 
     def submit(self, req, on_event) -> int:
         cfg = self.config
+        if not 1 <= req.n <= cfg.slots:
+            raise UsageError(f"n: must be 1..{cfg.slots} (the server's slots), got {req.n}")
         if req.ode_steps == 1 or req.ode_steps > cfg.max_ode_steps:
             raise UsageError(f"ode_steps: must be 0 or 2..{cfg.max_ode_steps}, got {req.ode_steps}")
         if len(req.prompt_ids) >= cfg.max_seq_len:

@@ -295,27 +295,18 @@ class _Server:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def default_ode_steps(self) -> int:
-        d = self.engine.config.default_ode_steps
-        return d if d is not None else (8 if self.engine.is_l2d else 0)
-
-    def engine_request(self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-                       prompt_field: str) -> EngineRequest:
-        """Checks what depends on the server (model name, n, max_tokens) and builds the request."""
-        cfg = self.engine.config
+    def engine_request(self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]) -> EngineRequest:
+        """Checks the model name and max_tokens against the context, builds the request (the
+        engine checks the rest when it is submitted)."""
         if body.model != self.model_name:
             raise ApiError(404, f"model: the model `{body.model}` does not exist; this server serves "
                                 f"`{self.model_name}`", "model", code="model_not_found")
-        if body.n > cfg.slots:
-            raise ApiError(400, f"n: at most {cfg.slots} (the server's decode slots), got {body.n}", "n")
-        if body.new_tokens() > cfg.max_seq_len:
+        if body.new_tokens() > self.engine.config.max_seq_len:
             raise ApiError(400, f"max_tokens: {body.new_tokens()} is more than the context holds "
-                                f"({cfg.max_seq_len} tokens)", "max_tokens")
-        if not prompt_ids:
-            raise ApiError(400, f"{prompt_field}: empty prompt", prompt_field)
+                                f"({self.engine.config.max_seq_len} tokens)", "max_tokens")
         return EngineRequest(
             prompt_ids=tuple(prompt_ids), max_tokens=body.new_tokens(),
-            ode_steps=self.default_ode_steps() if body.ode_steps is None else body.ode_steps,
+            ode_steps=self.engine.default_ode_steps if body.ode_steps is None else body.ode_steps,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
             class_label=body.class_label, guidance=body.guidance)
@@ -323,18 +314,17 @@ class _Server:
     def generation(self, request: EngineRequest, stops: tuple[str, ...], prompt_field: str) -> _Generation:
         try:
             return _Generation(self, request, stops)
-        except UsageError as e:  # the engine names the field: "ode_steps: must be ..."
-            field, sep, rest = str(e).partition(": ")
-            if not (sep and field.isidentifier()):
+        except UsageError as e:  # the engine names the field first: "ode_steps: must be ..."
+            name = str(e).split(":")[0].split(" ")[0]
+            if not name.isidentifier():
                 raise ApiError(400, str(e)) from None
-            param = prompt_field if field == "prompt" else field
-            raise ApiError(400, f"{param}: {rest}", param) from None
+            param = prompt_field if name == "prompt" else name
+            raise ApiError(400, param + str(e)[len(name):], param) from None
 
     async def respond(self, http: Request, body: CompletionRequest | ChatCompletionRequest,
                       prompt_ids: list[int], chat: bool) -> Response:
         prompt_field = "messages" if chat else "prompt"
-        gen = self.generation(self.engine_request(body, prompt_ids, prompt_field), body.stop_strings(),
-                              prompt_field)
+        gen = self.generation(self.engine_request(body, prompt_ids), body.stop_strings(), prompt_field)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": self.model_name}
         want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
