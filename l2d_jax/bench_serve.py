@@ -263,10 +263,17 @@ def scrape_metrics(base_url: str) -> dict[str, float] | None:
     try:
         with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): float(s.value)
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
-    except (OSError, ValueError):
+    except OSError:
         return None
+    out = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[s.name + (f"{{{labels}}}" if labels else "")] = float(s.value)
+    except ValueError:  # not Prometheus text
+        return None
+    return out
 
 
 def metrics_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:

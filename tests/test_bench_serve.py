@@ -84,11 +84,11 @@ def test_summarize_must_shows():
 
 
 def test_metrics_delta():
-    before = {"l2d_nfe_total": 10.0, "l2d_slots": 8.0, 'l2d_http_requests_total{route=/metrics,status=200}': 1.0}
-    after = {"l2d_nfe_total": 25.0, "l2d_slots": 8.0, 'l2d_http_requests_total{route=/metrics,status=200}': 2.0,
+    before = {"l2d_nfe_total": 10.0, "l2d_slots": 8.0, 'l2d_http_requests_total{route="/metrics",status="200"}': 1.0}
+    after = {"l2d_nfe_total": 25.0, "l2d_slots": 8.0, 'l2d_http_requests_total{route="/metrics",status="200"}': 2.0,
              "l2d_ttft_seconds_count": 3.0}
     assert bs.metrics_delta(before, after) == {"l2d_nfe_total": 15.0, "l2d_ttft_seconds_count": 3.0,
-                                               'l2d_http_requests_total{route=/metrics,status=200}': 1.0}
+                                               'l2d_http_requests_total{route="/metrics",status="200"}': 1.0}
     assert bs.metrics_delta(None, after) is None
 
 
