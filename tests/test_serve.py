@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,104 +14,19 @@ import openai
 import pytest
 import uvicorn
 
-from l2d_jax.errors import UsageError
 from l2d_jax.serving.api import create_app
-from l2d_jax.serving.requests import EngineClosed, Failed, Finished, QueueFull, Token
+from l2d_jax.serving.engine import Engine, EngineConfig
+from l2d_jax.serving.requests import Failed
 
 NAME = "tiny-l2d"
-
-
-# --------------------------------------------------------------------------- a stand-in engine
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeConfig:
-    slots: int = 4
-    max_seq_len: int = 256
-    max_ode_steps: int = 8
-    default_ode_steps: int | None = None
-    max_queue: int = 16
-
-
-class FakeEngine:
-    """The Engine interface: random tokens (seeded), one thread per request."""
-
-    is_l2d = True
-    num_classes = 0
-    default_ode_steps = 8
-
-    def __init__(self, config: FakeConfig, eos_id: int = 2, vocab: int = 128, delay: float = 0.002):
-        self.config, self.eos_id, self.vocab, self.delay = config, eos_id, vocab, delay
-        self.lock = threading.Lock()
-        self.running: dict[int, int] = {}
-        self.cancelled: set[int] = set()
-        self.waiting = 0
-        self.closed = False
-        self.next_id = 0
-        self.tokens_total = self.nfe_total = 0
-
-    def submit(self, req, on_event) -> int:
-        cfg = self.config
-        if not 1 <= req.n <= cfg.slots:
-            raise UsageError(f"n: must be 1..{cfg.slots} (the server's slots), got {req.n}")
-        if req.ode_steps == 1 or req.ode_steps > cfg.max_ode_steps:
-            raise UsageError(f"ode_steps: must be 0 or 2..{cfg.max_ode_steps}, got {req.ode_steps}")
-        if len(req.prompt_ids) >= cfg.max_seq_len:
-            raise UsageError(f"prompt: {len(req.prompt_ids)} tokens, the context holds {cfg.max_seq_len}")
-        with self.lock:
-            if self.closed:
-                raise EngineClosed()
-            if self.waiting >= cfg.max_queue:
-                raise QueueFull()
-            rid = self.next_id = self.next_id + 1
-            self.waiting += 1
-        threading.Thread(target=self._run, args=(rid, req, on_event), daemon=True).start()
-        return rid
-
-    def _run(self, rid, req, on_event):
-        while True:
-            with self.lock:
-                if sum(self.running.values()) + req.n <= self.config.slots:
-                    self.waiting -= 1
-                    self.running[rid] = req.n
-                    break
-            time.sleep(0.001)
-        rng = random.Random(req.seed if req.seed is not None else rid)
-        budget = min(req.max_tokens, self.config.max_seq_len - len(req.prompt_ids))
-        streams = [[rng.randrange(3, self.vocab) for _ in range(budget)] for _ in range(req.n)]
-        nfe_per_token = 2 * (req.ode_steps - 1) if req.ode_steps else 0
-        for step in range(budget):
-            if rid in self.cancelled:
-                break
-            time.sleep(self.delay)
-            for i, s in enumerate(streams):
-                on_event(Token(i, s[step], -0.5))
-            with self.lock:
-                self.tokens_total += req.n
-                self.nfe_total += req.n * nfe_per_token
-        done = step + 1
-        reason = "cancelled" if rid in self.cancelled else "length"
-        with self.lock:
-            del self.running[rid]
-        for i in range(req.n):
-            on_event(Finished(i, reason, done, done * nfe_per_token))
-
-    def cancel(self, request_id: int) -> None:
-        self.cancelled.add(request_id)
-
-    def stats(self) -> dict:
-        with self.lock:
-            return {"queue_length": self.waiting, "active_slots": sum(self.running.values()),
-                    "slots": self.config.slots, "tokens_total": self.tokens_total, "nfe_total": self.nfe_total,
-                    "requests_total": self.next_id, "compiled_programs": 0}
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self.closed = True
+CONFIG = EngineConfig(slots=4, max_seq_len=128, max_ode_steps=8, max_queue=4)
 
 
 def failing_submit(req, on_event) -> int:
     threading.Thread(target=on_event, args=(Failed("device on fire"),), daemon=True).start()
     return 99
+
+
 
 
 # --------------------------------------------------------------------------- a live server
@@ -148,13 +61,18 @@ def live(engine, tokenizer):
 @dataclasses.dataclass
 class Served:
     url: str
-    engine: FakeEngine
+    engine: Engine
     client: openai.OpenAI
 
 
 @pytest.fixture(scope="module")
 def served(tokenizer):
-    engine = FakeEngine(FakeConfig())
+    """The tiny L2D model (vocab 128, the tokenizer's) in an engine that never sees EOS
+    (eos_id -1), so every choice runs to max_tokens."""
+    from jax_tiny import tiny_l2d
+
+    engine = Engine(tiny_l2d(vocab_size=128), -1, CONFIG)
+    engine.start()
     with live(engine, tokenizer) as url:
         yield Served(url, engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0))
 
@@ -234,7 +152,7 @@ def test_n_and_logprobs(served):
 
 
 def test_stop_strings_spanning_tokens(served):
-    kw = dict(model=NAME, prompt="w1", max_tokens=16, seed=11)
+    kw = dict(model=NAME, prompt="w1", max_tokens=16, seed=11, extra_body={"ode_steps": 4})
     text = served.client.completions.create(**kw).choices[0].text
     words = text.split(" ")
     stop = f"{words[3][1:]} {words[4][:2]}"  # the end of one token and the start of the next
@@ -300,7 +218,7 @@ def test_bad_requests_through_the_client_and_raw(served):
         served.client.completions.create(model="nope", prompt="w1")
     with pytest.raises(openai.BadRequestError) as e:
         served.client.completions.create(model=NAME, prompt="w1", extra_body={"ode_steps": 99})
-    assert e.value.body["param"] == "ode_steps"
+    assert e.value.body["param"] == "ode_steps"  # max_tokens left out: what the context has room for
     r = httpx.post(f"{served.url}/v1/completions", content=b'{"model": "tiny',
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
@@ -323,31 +241,35 @@ def test_engine_failure_is_a_500_for_that_request_only(served, monkeypatch):
 # --------------------------------------------------------------------------- load and disconnects
 
 
-def test_full_queue_answers_429(tokenizer):
-    engine = FakeEngine(FakeConfig(slots=1, max_queue=1), delay=0.05)
-    with live(engine, tokenizer) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(client.completions.create, model=NAME, prompt="w1", max_tokens=20)
-                       for _ in range(4)]
-            outcomes = []
-            for f in futures:
-                try:
-                    outcomes.append(f.result().choices[0].finish_reason)
-                except openai.RateLimitError:
-                    outcomes.append(429)
-        assert 429 in outcomes and "length" in outcomes
+def test_full_queue_answers_429(served):
+    wait_idle(served.engine)
+
+    def one(_):
+        try:
+            return served.client.completions.create(model=NAME, prompt="w1", max_tokens=100,
+                                                    extra_body={"ode_steps": 8}).choices[0].finish_reason
+        except openai.RateLimitError:
+            return 429
+
+    with ThreadPoolExecutor(12) as pool:  # 4 slots + 4 waiting
+        outcomes = list(pool.map(one, range(12)))
+    assert 429 in outcomes and "length" in outcomes
 
 
 def test_client_disconnect_frees_the_slot(served):
-    user = {"messages": [{"role": "user", "content": "w1"}]}
-    for path, body in (("completions", {"prompt": "w1"}), ("chat/completions", user)):
-        with httpx.stream("POST", f"{served.url}/v1/{path}",
-                          json={"model": NAME, "max_tokens": 200, "stream": True, **body}) as r:
-            next(r.iter_lines())
-            assert served.engine.stats()["active_slots"] == 1
-        wait_idle(served.engine)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{served.url}/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 200},
-                   timeout=0.05)
+    """A stream closed after its first chunk, and a plain request whose client gives up,
+    stop their sequences: fewer tokens than asked, no slot left busy."""
     wait_idle(served.engine)
+    body = {"model": NAME, "max_tokens": 120, "ode_steps": 8}
+    user = {"messages": [{"role": "user", "content": "w1"}]}
+    for path, extra in (("completions", {"prompt": "w1"}), ("chat/completions", user)):
+        before = served.engine.stats()["tokens_total"]
+        with httpx.stream("POST", f"{served.url}/v1/{path}", json={**body, **extra, "stream": True}) as r:
+            next(r.iter_lines())
+        wait_idle(served.engine)
+        assert served.engine.stats()["tokens_total"] - before < 120
+    before = served.engine.stats()["tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json={**body, "prompt": "w1"}, timeout=0.2)
+    wait_idle(served.engine)
+    assert served.engine.stats()["tokens_total"] - before < 120

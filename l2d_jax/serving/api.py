@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from l2d_jax.errors import UsageError
-from l2d_jax.serving.protocol import ChatCompletionRequest, CompletionRequest
+from l2d_jax.serving.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from l2d_jax.serving.requests import EngineClosed, EngineRequest, Failed, Finished, QueueFull, Token
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -296,16 +296,22 @@ class _Server:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def engine_request(self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]) -> EngineRequest:
-        """Checks the model name and max_tokens against the context, builds the request (the
-        engine checks the rest when it is submitted)."""
+        """Checks the model name, max_tokens and the prompt against the context, builds the
+        request (the engine checks the rest when it is submitted)."""
         if body.model != self.model_name:
             raise ApiError(404, f"model: the model `{body.model}` does not exist; this server serves "
                                 f"`{self.model_name}`", "model", code="model_not_found")
-        if body.new_tokens() > self.engine.config.max_seq_len:
-            raise ApiError(400, f"max_tokens: {body.new_tokens()} is more than the context holds "
-                                f"({self.engine.config.max_seq_len} tokens)", "max_tokens")
+        context, asked = self.engine.config.max_seq_len, body.asked_max_tokens()
+        if asked is not None and asked > context:
+            raise ApiError(400, f"max_tokens: {asked} is more than the context holds ({context} tokens)",
+                           "max_tokens")
+        if len(prompt_ids) >= context:
+            field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+            raise ApiError(400, f"{field}: {len(prompt_ids)} tokens leave no room for a new token in the "
+                                f"context of {context}", field)
         return EngineRequest(
-            prompt_ids=tuple(prompt_ids), max_tokens=body.new_tokens(),
+            prompt_ids=tuple(prompt_ids),
+            max_tokens=min(DEFAULT_MAX_TOKENS, context - len(prompt_ids)) if asked is None else asked,
             ode_steps=self.engine.default_ode_steps if body.ode_steps is None else body.ode_steps,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,

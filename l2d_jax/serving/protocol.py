@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = 256  # without max_tokens: this many, or what the context has room for
 MAX_STOP_STRINGS = 4
 
 
@@ -55,8 +55,9 @@ class _Sampling(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def new_tokens(self) -> int:
-        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+    def asked_max_tokens(self) -> int | None:
+        """max_tokens as asked (None: not given)."""
+        return self.max_tokens
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -110,5 +111,5 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
-    def new_tokens(self) -> int:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else super().new_tokens()
+    def asked_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
