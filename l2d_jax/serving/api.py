@@ -228,10 +228,10 @@ class _Generation:
     def _finished(self, ev: Finished) -> _Delta | None:
         c = self.choices[ev.index]
         c.engine_done, c.nfe = True, ev.nfe
+        if ev.tokens > 1:
+            self.server.metrics.tpot.observe((c.last_at - c.first_at) / (ev.tokens - 1))
         if c.finish_reason is not None:
             return None
-        if len(c.ids) > 1:
-            self.server.metrics.tpot.observe((c.last_at - c.first_at) / (len(c.ids) - 1))
         c.text = self.server.decode(c.ids)  # nothing more comes: the held-back tail is final
         c.ends[-1:] = [len(c.text)] if c.ends else []
         return self._release(ev.index, len(c.text), ev.reason)

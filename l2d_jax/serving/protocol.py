@@ -36,7 +36,7 @@ class _Sampling(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1)] = 1
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None  # jax.random.PRNGKey(seed)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # L2D extensions (the openai client's extra_body)
