@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -116,6 +117,7 @@ def test_completion_stream_matches_and_ends_with_done(served):
     assert choice.finish_reason == "length" and choice.text
     assert whole.usage.prompt_tokens == 3 and whole.usage.completion_tokens == 12
     assert whole.usage.total_tokens == 15
+    assert served.client.completions.create(model=NAME, prompt=[5, 6, 7, 8], max_tokens=2).usage.prompt_tokens == 4
     chunks = list(served.client.completions.create(**kw, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -126,8 +128,8 @@ def test_completion_stream_matches_and_ends_with_done(served):
 
 
 def test_chat_plain_and_streamed(served):
-    kw = dict(model=NAME, messages=[{"role": "system", "content": "w5"}, {"role": "user", "content": "w9 w10"}],
-              max_tokens=8, seed=3)
+    user = {"role": "user", "content": [{"type": "text", "text": "w9 "}, {"type": "text", "text": "w10"}]}
+    kw = dict(model=NAME, messages=[{"role": "system", "content": "w5"}, user], max_tokens=8, seed=3)
     whole = served.client.chat.completions.create(**kw)
     msg = whole.choices[0].message
     assert msg.role == "assistant" and msg.content and whole.object == "chat.completion"
@@ -186,6 +188,50 @@ def test_concurrent_requests(served):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
     assert all(r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6 for r in results)
+
+
+class ByteTokens:
+    """Token id = one UTF-8 byte, so a multi-byte character spans tokens."""
+
+    def decode(self, ids, **_):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class RecordingEngine:
+    """Takes one request and records cancels; the test plays the engine's events."""
+
+    def __init__(self):
+        self.on_event, self.cancelled = None, []
+
+    def submit(self, request, on_event) -> int:
+        self.on_event = on_event
+        return 7
+
+    def cancel(self, request_id: int) -> None:
+        self.cancelled.append(request_id)
+
+
+@pytest.mark.parametrize("stops,text,reason", [((), "héllo wörld", "length"), (("wö", "xyz"), "héllo ", "stop")])
+def test_deltas_hold_back_partial_characters_and_stop_prefixes(stops, text, reason):
+    from l2d_jax.serving.api import _Generation, _Metrics, _Server
+    from l2d_jax.serving.requests import EngineRequest, Finished, Token
+
+    engine = RecordingEngine()
+    server = _Server(engine, ByteTokens(), NAME, _Metrics.create(engine))
+    data = "héllo wörld".encode()
+
+    async def play():
+        gen = _Generation(server, EngineRequest(prompt_ids=(1,), max_tokens=len(data)), stops)
+        for b in data:
+            engine.on_event(Token(0, b, -1.0))
+        engine.on_event(Finished(0, "length", len(data), 0))
+        return [d async for d in gen.deltas()]
+
+    deltas = asyncio.run(play())
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert not stops or all("w" not in d.text for d in deltas)  # "w" may begin "wö": held back, then cut
+    assert "".join(d.text for d in deltas) == text and deltas[-1].finish_reason == reason
+    assert engine.cancelled == ([] if reason == "length" else [7])
 
 
 # --------------------------------------------------------------------------- bad input
