@@ -7,7 +7,8 @@ parameters; the clients share the process with it) or targeted at ``--url``. A p
 streamed chat completions back to back (the official ``openai`` client), ``temperature`` 0,
 ``max_tokens`` fixed, the prompts of ``PROMPTS`` in turn (they ask for long answers: the
 server has no ignore-EOS, so the actual completion tokens are counted, from the stream's
-``usage``). Before a point is timed, every client sends one short warm-up request.
+``usage``). Before a point is timed, every client sends one warm-up request of
+``WARMUP_TOKENS`` tokens (the engine compiles its programs at start).
 
 Per point (JSON ``points``):
 
@@ -16,14 +17,20 @@ Per point (JSON ``points``):
 - per request: ``ttft_s`` (send to the first streamed text), ``decode_tokens_per_s``
   ((tokens - 1) / (last text - first text): the n - 1 intervals between n tokens; the first
   token's wait is TTFT's) and ``tokens_per_s`` (tokens / total latency); their mean, TTFT and
-  latency p50 / p99 (linear interpolation), and the same per step group (``groups``).
+  latency p50 / p99 (linear interpolation), and the same per step group (``groups``). The
+  engine runs several decode iterations per dispatch and its tokens arrive in bursts, so
+  the decode rate of a request that spans few dispatches comes out high (0 steps, 64 tokens,
+  8 iterations per dispatch: 63 tokens over about 7 dispatch intervals); the total-latency
+  rate has no such bias.
 - ``metrics_delta``: what the server's Prometheus counters (``/metrics``; ``*_total``,
   ``*_count``, ``*_sum``) gained over the point, when reachable.
 
 Must-shows (``summary``; issue 21): ``single_tokens_per_s``, the aggregate rate at C=1 with
 0 steps; ``aggregate_over_single``, the all-0 aggregate at each C over it (>= 4 at C=8); and
 ``mix_over_alone``, each step group's mean decode rate in a mixed point over its rate in the
-point where every client uses that step count, at the same C (every group within 2x).
+point where every client uses that step count, at the same C (``ratio``; every group within
+2x: ``mix_within_2x``), and the same for the total-latency rate (``ratio_total``).
+``metrics_at_start``: the server's /metrics at the start (``l2d_slots``: its decode slots).
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ PROMPTS = (
 )
 DEFAULT_CONCURRENCY = (1, 4, 8, 16)
 DEFAULT_MIXES = ((0,), (4,), (8,), (0, 4, 8))
-WARMUP_TOKENS = 8
+WARMUP_TOKENS = 2  # the first token comes from the prefill, the second from a decode dispatch
 FAIR_RATIO = 2.0  # issue 21: every group of a mix within 2x of its rate alone
 SCALING_TARGET = 4.0  # issue 21: aggregate at C=8 (all 0 steps) >= 4x the single request
 
@@ -159,9 +166,10 @@ def summarize(points: Sequence[dict]) -> dict:
         groups = {}
         for s, g in p["groups"].items():
             alone = by.get((c, (int(s),)))
-            groups[s] = {"mix": g["decode_tokens_per_s"],
-                         "alone": alone["groups"][s]["decode_tokens_per_s"] if alone else None}
-            groups[s]["ratio"] = _ratio(groups[s]["mix"], groups[s]["alone"])
+            a = alone["groups"][s] if alone else {"decode_tokens_per_s": None, "tokens_per_s": None}
+            groups[s] = {"mix": g["decode_tokens_per_s"], "alone": a["decode_tokens_per_s"],
+                         "ratio": _ratio(g["decode_tokens_per_s"], a["decode_tokens_per_s"]),
+                         "ratio_total": _ratio(g["tokens_per_s"], a["tokens_per_s"])}
         fairness.setdefault(mix_label(mix), {})[str(c)] = groups
     ratios = [g["ratio"] for per_c in fairness.values() for groups in per_c.values()
               for g in groups.values() if g["ratio"] is not None]
@@ -342,7 +350,8 @@ def bench_serve(base_url: str, *, concurrency: Sequence[int] = DEFAULT_CONCURREN
     model = served_models(base_url)[0]
     report = {**(report or {}), "served_model": model, "max_tokens": max_tokens,
               "requests_per_client": None if seconds else requests_per_client, "seconds_per_point": seconds,
-              "warmup_tokens": WARMUP_TOKENS, "prompts": list(PROMPTS), "points": []}
+              "warmup_tokens": WARMUP_TOKENS, "prompts": list(PROMPTS),
+              "metrics_at_start": scrape_metrics(base_url), "points": []}
     for c in concurrency:
         for mix in mixes:
             print(f"C={c} mix {mix_label(mix)}: warm-up and timing ...", file=sys.stderr, flush=True)
@@ -412,7 +421,7 @@ def plot_serve(report: dict, path: str | Path) -> Path | None:
     left.legend(fontsize=8)
     bars = [(f"{label}\nC={c} [{s}]", g["alone"], g["mix"])
             for label, per_c in report.get("summary", {}).get("mix_over_alone", {}).items()
-            for c, groups in per_c.items() for s, g in groups.items()]
+            for c, groups in per_c.items() for s, g in groups.items() if g["mix"] is not None]
     x = np.arange(len(bars))
     right.bar(x - 0.2, [b[1] or 0 for b in bars], 0.4, label="alone (every client these steps)", color="C7")
     right.bar(x + 0.2, [b[2] or 0 for b in bars], 0.4, label="in the mix", color="C3")

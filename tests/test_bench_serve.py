@@ -58,7 +58,8 @@ def test_summarize_point():
 
 
 def _point(c, mix, aggregate, decode):
-    groups = {str(s): {"decode_tokens_per_s": decode.get(s)} for s in sorted(set(mix))}
+    groups = {str(s): {"decode_tokens_per_s": decode.get(s), "tokens_per_s": decode.get(s) and decode[s] / 2}
+              for s in sorted(set(mix))}
     return {"concurrency": c, "mix": list(mix), "aggregate_tokens_per_s": aggregate,
             "decode_tokens_per_s": decode[mix[0]], "groups": groups}
 
@@ -72,9 +73,11 @@ def test_summarize_must_shows():
     assert s["aggregate_over_single"] == {"1": 1.0, "8": 4.5}
     assert s["aggregate_over_single_c8"] == 4.5 and s["meets_scaling_target"] is True
     mix = s["mix_over_alone"]["0/4"]
-    assert mix["8"]["0"] == {"mix": 4.0, "alone": 6.0, "ratio": pytest.approx(2 / 3)}
+    assert mix["8"]["0"] == {"mix": 4.0, "alone": 6.0, "ratio": pytest.approx(2 / 3),
+                             "ratio_total": pytest.approx(2 / 3)}
     assert mix["8"]["4"]["ratio"] == 1.5
     assert mix["1"]["0"]["ratio"] == pytest.approx(10 / 11)
+    assert mix["1"]["4"] == {"mix": None, "alone": None, "ratio": None, "ratio_total": None}  # C=1: client 0 only
     assert s["mix_within_2x"] is True
     points[3]["groups"]["4"]["decode_tokens_per_s"] = 0.9  # 0.45x of alone
     assert bs.summarize(points)["mix_within_2x"] is False
@@ -140,7 +143,7 @@ def test_bench_against_fake_server(tmp_path):
     for p in report["points"]:
         c = p["concurrency"]
         assert p["requests"] == 2 * c and p["completion_tokens"] == 10 * c and not p["errors"]
-        assert p["metrics_delta"]["fake_generated_tokens_total"] == 15 * c
+        assert p["metrics_delta"]["fake_generated_tokens_total"] == (bs.WARMUP_TOKENS + 10) * c
         assert p["finish_reasons"] == {"length": 2 * c} and p["decode_tokens_per_s"] > 0
     mixed = next(p for p in report["points"] if p["concurrency"] == 3 and p["label"] == "0/4")
     assert {s: g["requests"] for s, g in mixed["groups"].items()} == {"0": 4, "4": 2}
