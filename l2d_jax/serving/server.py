@@ -109,12 +109,10 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, eng
     loaded, tokenizer, name = load_served_model(model, dtype=dtype, l2d=l2d, mesh=config.mesh, log=log)
     eos = tokenizer.eos_token_id
     engine = Engine(loaded, -1 if eos is None else int(eos), config)
-    log(f"compiling ({config.slots} slots, context {config.max_seq_len} tokens)")
     engine.start(progress=log)
     server = _Uvicorn(uvicorn.Config(create_app(engine, tokenizer, name), host=host, port=port,
                                      timeout_graceful_shutdown=shutdown_timeout, log_level="info"), log)
     try:
         server.run()
-    finally:
-        log("stopping the engine")
-        engine.stop(timeout=shutdown_timeout)
+    finally:  # uvicorn has let the requests in flight finish: what is left has no client
+        engine.stop(timeout=0)
