@@ -202,8 +202,12 @@ class _Generation:
                     yield delta
             self.finished = True
         finally:
-            if not self.finished:
-                self.server.engine.cancel(self.id)
+            self.close()
+
+    def close(self) -> None:
+        """Cancels the engine request unless every choice has ended."""
+        if not self.finished:
+            self.server.engine.cancel(self.id)
 
     def _token(self, ev: Token) -> _Delta | None:
         c = self.choices[ev.index]
@@ -295,7 +299,8 @@ class _Server:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def engine_request(self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]) -> EngineRequest:
+    def engine_request(self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+                       prompt_field: str) -> EngineRequest:
         """Checks the model name, max_tokens and the prompt against the context, builds the
         request (the engine checks the rest when it is submitted)."""
         if body.model != self.model_name:
@@ -306,9 +311,8 @@ class _Server:
             raise ApiError(400, f"max_tokens: {asked} is more than the context holds ({context} tokens)",
                            "max_tokens")
         if len(prompt_ids) >= context:
-            field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            raise ApiError(400, f"{field}: {len(prompt_ids)} tokens leave no room for a new token in the "
-                                f"context of {context}", field)
+            raise ApiError(400, f"{prompt_field}: {len(prompt_ids)} tokens leave no room for a new token in "
+                                f"the context of {context}", prompt_field)
         return EngineRequest(
             prompt_ids=tuple(prompt_ids),
             max_tokens=min(DEFAULT_MAX_TOKENS, context - len(prompt_ids)) if asked is None else asked,
@@ -330,13 +334,13 @@ class _Server:
     async def respond(self, http: Request, body: CompletionRequest | ChatCompletionRequest,
                       prompt_ids: list[int], chat: bool) -> Response:
         prompt_field = "messages" if chat else "prompt"
-        gen = self.generation(self.engine_request(body, prompt_ids), body.stop_strings(), prompt_field)
+        request = self.engine_request(body, prompt_ids, prompt_field)
+        gen = self.generation(request, body.stop_strings(), prompt_field)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": self.model_name}
         want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
         if body.stream:
-            return StreamingResponse(self._events(gen, head, chat, want_logprobs, body.include_usage()),
-                                     media_type="text/event-stream")
+            return _EventStream(gen, self._events(gen, head, chat, want_logprobs, body.include_usage()))
         watcher = asyncio.create_task(_cancel_on_disconnect(http, gen))
         try:
             ends = [d async for d in gen.deltas() if d.finish_reason is not None]
@@ -369,6 +373,21 @@ class _Server:
         except ApiError as e:
             yield f"data: {json.dumps(e.json())}\n\n"
         yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that cancel ``gen`` however the response ends, also when the
+    client leaves before the first chunk (the events' generator then never starts)."""
+
+    def __init__(self, gen: _Generation, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream")
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
 
 
 async def _cancel_on_disconnect(http: Request, gen: _Generation) -> None:
