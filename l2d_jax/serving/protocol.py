@@ -65,10 +65,27 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: one prompt (a string or token ids, or a list of one of them)
-    and ``logprobs`` (any count: the chosen token's log-probability is reported)."""
+    and ``logprobs`` (any count: the chosen token's log-probability is reported). ``echo`` and
+    ``best_of`` > 1 are refused rather than ignored: they change what the answer means."""
 
     prompt: StrictStr | list[int]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False  # refused: scoring the prompt is not supported
+    best_of: int | None = None  # refused above 1
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("not supported (prompt tokens are not scored)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError(f"not supported (got {v}); use n for several completions")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
