@@ -427,6 +427,7 @@ def plot_serve(report: dict, path: str | Path) -> Path | None:
     right.bar(x + 0.2, [b[2] or 0 for b in bars], 0.4, label="in the mix", color="C3")
     right.set_xticks(x, [b[0] for b in bars], fontsize=7)
     right.set_ylabel("per-request decode tokens / s")
+    right.set_yscale("log")
     right.set_title("step groups: mix [steps] vs alone, same concurrency", fontsize=9)
     right.legend(fontsize=8)
     m = report.get("machine", {})
