@@ -82,5 +82,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     scaled = jax.lax.cond(cut_k.any(), keep_top_k, lambda x: x, scaled)
     scaled = jax.lax.cond(((top_p < 1.0) & (t > 0)).any(), lambda x: filter_top_p(x, top_p[:, None]),
                           lambda x: x, scaled)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(t > 0, drawn, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    drawn = jax.lax.cond((t > 0).any(), lambda: jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32),
+                         lambda: greedy)
+    return jnp.where(t > 0, drawn, greedy)

@@ -14,6 +14,7 @@ running and restarts from empty slots.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
@@ -23,7 +24,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from l2d_jax import nstep as nstep_lib
@@ -106,6 +106,10 @@ class Engine:
         self.model = model
         self.spec = slots_lib.Spec(config.slots, config.max_seq_len, config.max_ode_steps, int(eos_id), ode, kernels)
         self.buckets = sorted({b for b in PROMPT_BUCKETS if b < config.max_seq_len} | {config.max_seq_len})
+        # decode programs over the first W slots: the running sequences are kept in the lowest
+        # slots (``_compact``), so a lone request pays a batch-1 step
+        self.widths = sorted({2 ** i for i in range(config.slots.bit_length()) if 2 ** i < config.slots}
+                             | {config.slots})
         self._table = None
         self._lock = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
@@ -128,25 +132,28 @@ class Engine:
         say = progress or (lambda msg: log.info("%s", msg))
         spec = self.spec
         with shd.gather_layers(self._mesh):
-            if self.is_l2d and spec.ode.x1_estimation == "average":
-                self._table = jax.jit(lambda m: m.flow_table())(self.model)
+            self._table = jax.jit(slots_lib.make_tables, static_argnames="spec")(self.model, spec=spec)
             self._state = jax.jit(slots_lib.init_slots, static_argnames="spec")(self.model, spec=spec)
-            total = len(self.buckets) + 1
+            total = len(self.buckets) + len(self.widths)
             t0 = time.perf_counter()
-            say(f"compiling decode ({spec.slots} slots x {spec.max_seq_len} tokens, "
-                f"{self.config.iters_per_dispatch} iterations per dispatch) [1/{total}]")
-            self._exe["decode"] = jax.jit(
-                slots_lib.decode, static_argnames=("iterations", "spec"), donate_argnames="slots").lower(
-                self.model, self._state, self._table, self.config.iters_per_dispatch, spec).compile()
+            decode = jax.jit(slots_lib.decode_prefix, static_argnames=("iterations", "spec", "width"),
+                             donate_argnames="slots")
+            for i, width in enumerate(self.widths):
+                say(f"compiling decode for {width} of {spec.slots} slots ({spec.max_seq_len} tokens each, "
+                    f"{self.config.iters_per_dispatch} iterations per dispatch) [{i + 1}/{total}]")
+                self._exe[("decode", width)] = decode.lower(self.model, self._state, self._table,
+                                                            self.config.iters_per_dispatch, spec, width).compile()
             self._exe["release"] = jax.jit(slots_lib.release, donate_argnames="slots").lower(
-                self._state, jnp.zeros((spec.slots,), bool)).compile()
+                self._state, np.zeros((spec.slots,), bool)).compile()
+            self._exe["move"] = jax.jit(slots_lib.move, donate_argnames="slots").lower(
+                self._state, np.int32(0), np.int32(0)).compile()
             settings = slots_lib.request_settings(ode_points=0, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                                                   sample_id=0, class_label=None, guidance=1.0, max_tokens=1)
             insert = jax.jit(slots_lib.insert, static_argnames="spec", donate_argnames="slots")
             for i, bucket in enumerate(self.buckets):
-                say(f"compiling prefill for prompts up to {bucket} tokens [{i + 2}/{total}]")
-                self._exe[bucket] = insert.lower(self.model, self._state, jnp.int32(0), jnp.zeros((bucket,), jnp.int32),
-                                                 jnp.int32(1), settings, spec).compile()
+                say(f"compiling prefill for prompts up to {bucket} tokens [{i + 1 + len(self.widths)}/{total}]")
+                self._exe[bucket] = insert.lower(self.model, self._state, np.int32(0), np.zeros((bucket,), np.int32),
+                                                 np.int32(1), settings, spec).compile()
             say(f"compiled {len(self._exe)} programs in {time.perf_counter() - t0:.1f} s")
         self._thread = threading.Thread(target=self._loop, name="l2d-engine", daemon=True)
         self._thread.start()
@@ -249,6 +256,7 @@ class Engine:
                 self._release([self._live[i] for i in cancel if i in self._live])
                 for req in admitted:
                     self._prefill(req)
+                self._compact()
                 if self._live:
                     self._dispatch()
 
@@ -258,7 +266,7 @@ class Engine:
         free = np.zeros((self.config.slots,), bool)
         for req in requests:
             free[list(req.slots)] = True
-        self._state = self._exe["release"](self._state, jnp.asarray(free))
+        self._state = self._exe["release"](self._state, free)
         for req in requests:
             self._finish_all(req, "cancelled")
 
@@ -273,15 +281,36 @@ class Engine:
                     ode_points=r.ode_steps, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=req.seed,
                     sample_id=choice, class_label=r.class_label,
                     guidance=1.0 if r.guidance is None else r.guidance, max_tokens=r.max_tokens)
-                self._state = self._exe[bucket](self.model, self._state, jnp.int32(slot), jnp.asarray(ids),
-                                                jnp.int32(len(r.prompt_ids)), settings)
+                # host (numpy) arguments: the executables take them as they are (a jnp
+                # conversion would compile a staging program per new shape)
+                self._state = self._exe[bucket](self.model, self._state, np.int32(slot), ids,
+                                                np.int32(len(r.prompt_ids)), settings)
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
             log.exception("prefill of request %d failed", req.id)
             self._fail(req, f"prefill failed: {e}")
 
+    def _compact(self) -> None:
+        """Moves running sequences from the highest slots into free lower ones."""
+        with self._lock:
+            owner = {slot: req for req in self._live.values() for slot in req.slots}
+            busy = sorted(owner)
+            moves = []
+            while busy and self._free and self._free[0] < busy[-1]:
+                dst, src = self._free.pop(0), busy.pop()
+                bisect.insort(self._free, src)
+                bisect.insort(busy, dst)
+                req = owner.pop(src)
+                req.slots[dst] = req.slots.pop(src)
+                owner[dst] = req
+                moves.append((src, dst))
+        for src, dst in moves:
+            self._state = self._exe["move"](self._state, np.int32(src), np.int32(dst))
+
     def _dispatch(self) -> None:
+        busy = [slot for req in list(self._live.values()) for slot in req.slots]
+        width = next(w for w in self.widths if w > max(busy, default=0))
         try:
-            self._state, out = self._exe["decode"](self.model, self._state, self._table)
+            self._state, out = self._exe[("decode", width)](self.model, self._state, self._table)
             tokens, logprobs, finished = (np.asarray(a) for a in out)
             nfe = np.asarray(self._state.nfe)
         except Exception as e:  # noqa: BLE001 - fail what was running, keep serving
@@ -320,7 +349,7 @@ class Engine:
     def _end_choice(self, req: _Request, slot: int, reason: str) -> None:
         choice = req.slots.pop(slot)
         with self._lock:
-            self._free.append(slot)
+            bisect.insort(self._free, slot)
             self.counters["nfe_total"] += req.nfe.get(choice, 0)
             req.open_choices.discard(choice)
             if not req.open_choices:
@@ -331,7 +360,8 @@ class Engine:
     def _finish_all(self, req: _Request, reason: str) -> None:
         """Ends every open choice of ``req`` (cancelled, or the engine stopping)."""
         with self._lock:
-            self._free.extend(req.slots)
+            for slot in req.slots:
+                bisect.insort(self._free, slot)
             req.slots.clear()
             self._live.pop(req.id, None)
             open_choices, req.open_choices = sorted(req.open_choices), set()
@@ -341,7 +371,8 @@ class Engine:
 
     def _fail(self, req: _Request, message: str) -> None:
         with self._lock:
-            self._free.extend(req.slots)
+            for slot in req.slots:
+                bisect.insort(self._free, slot)
             req.slots.clear()
             req.open_choices.clear()
             self._live.pop(req.id, None)

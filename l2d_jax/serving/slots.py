@@ -160,24 +160,83 @@ def release(slots: Slots, free: jax.Array) -> Slots:
     return slots._replace(active=slots.active & ~free)
 
 
-def _stage_tables(spec: Spec):
+def _batch_axis(path) -> int:
+    """The slot axis of a ``Slots`` leaf: 1 for the cache (L, B, ...) and ks (stages, B, ...)."""
+    return 1 if path[0].name in ("cache", "ks") else 0
+
+
+def _map_rows(fn, slots: Slots, *rest) -> Slots:
+    return jax.tree_util.tree_map_with_path(lambda path, a, *r: fn(a, _batch_axis(path), *r), slots, *rest)
+
+
+def move(slots: Slots, src: jax.Array, dst: jax.Array) -> Slots:
+    """Slot ``src``'s sequence moved to slot ``dst`` (src becomes free): the engine keeps the
+    running sequences in the lowest slots so that ``decode`` can run on a prefix of them."""
+    def one(a, axis):
+        row = jax.lax.dynamic_index_in_dim(a, src, axis, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(a, row, dst, axis)
+    moved = _map_rows(one, slots)
+    return moved._replace(active=moved.active.at[src].set(False))
+
+
+def decode_prefix(model, slots: Slots, tables: Tables, iterations: int, spec: Spec,
+                  width: int) -> tuple[Slots, Emitted]:
+    """``decode`` on slots [0, width) only (the others idle): a program of that batch size,
+    so one running sequence costs a batch-1 step, not a batch-B one."""
+    if width == spec.slots:
+        return decode(model, slots, tables, iterations, spec)
+    head = _map_rows(lambda a, axis: jax.lax.slice_in_dim(a, 0, width, axis=axis), slots)
+    head, out = decode(model, head, tables, iterations, spec._replace(slots=width))
+    slots = _map_rows(lambda a, axis, h: jax.lax.dynamic_update_slice_in_dim(a, h, 0, axis), slots, head)
+    pad = spec.slots - width
+    return slots, Emitted(*(jnp.pad(x, ((0, 0), (0, pad)), constant_values=c)
+                            for x, c in zip(out, (NO_TOKEN, 0.0, False))))
+
+
+def _stage_tables(spec: Spec) -> tuple[np.ndarray, np.ndarray]:
     """Stage times (max_points + 1, max_points - 1, S) and step sizes (max_points + 1,
-    max_points - 1) of every grid size, as generate reads them."""
+    max_points - 1) of every grid size, as generate reads them (``solvers._tables``)."""
     _, times, dts = solvers._tables(solvers._canonical_method(spec.ode.method), spec.max_points,
                                     float(spec.ode.final_t))
-    return jnp.asarray(times), jnp.asarray(dts)
+    return times, dts
 
 
-def decode(model, slots: Slots, table, iterations: int, spec: Spec) -> tuple[Slots, Emitted]:
-    """Up to ``iterations`` iterations (fewer when every slot is idle); see the module doc.
-    table: ``model.flow_table()`` for "average" x1 estimation, else None."""
+class Tables(NamedTuple):
+    """What the flow part reads instead of recomputing it per evaluation (``make_tables``)."""
+
+    phi: jax.Array | None  # (V, D) ``model.flow_table()`` for "average" x1 estimation
+    times: jax.Array | None  # (K,) float32 every stage time of every grid, and t_final, sorted
+    modulation: object | None  # FlowModulation at those times (no guidance classes), else None
+
+
+def stage_time_set(spec: Spec) -> np.ndarray:
+    """Every time a flow evaluation of any grid size <= max_points happens at, sorted (K,)."""
+    times, _ = _stage_tables(spec)
+    return np.unique(np.append(times[2:].ravel(), np.float32(spec.ode.final_t)))
+
+
+def make_tables(model, spec: Spec) -> Tables:
+    """The flow path's per-model tables: Phi for "average" x1 estimation, and the per-layer
+    modulations at every stage time (they depend on t alone without guidance classes; for
+    SmolLM2's released settings the modulation heads are ~half a flow evaluation's weights)."""
+    if isinstance(model, LLM):
+        return Tables(None, None, None)
+    phi = model.flow_table() if spec.ode.x1_estimation == "average" else None
+    if model.settings.use_guidance:
+        return Tables(phi, None, None)
+    times = jnp.asarray(stage_time_set(spec))
+    return Tables(phi, times, model.flow_modulation(times[:, None]))
+
+
+def decode(model, slots: Slots, tables: Tables, iterations: int, spec: Spec) -> tuple[Slots, Emitted]:
+    """Up to ``iterations`` iterations (fewer when every slot is idle); see the module doc."""
     b = spec.slots
     base = _base(model)
     cols = jnp.arange(spec.max_seq_len + 1)
     is_l2d = _is_l2d(model)
     stages = _stages(spec)
     solver = solvers.FIXED_GRID[solvers._canonical_method(spec.ode.method)]
-    times, dts = _stage_tables(spec)
+    times, dts = (jnp.asarray(a) for a in _stage_tables(spec))
     guided = is_l2d and model.settings.use_guidance
     sigma = model.settings.noise_rescaling if is_l2d else 1.0
     final_t = jnp.float32(spec.ode.final_t)
@@ -229,9 +288,14 @@ def decode(model, slots: Slots, table, iterations: int, spec: Spec) -> tuple[Slo
         labels = jnp.where(st.class_label >= 0, st.class_label, model.settings.guidance_modulation_num_classes) \
             if guided else None
 
+        modulation = None
+        if tables.modulation is not None:  # each row's t is one of tables.times
+            k = jnp.searchsorted(tables.times, t)
+            modulation = type(tables.modulation)(tables.modulation.layers[:, :, k], tables.modulation.final[k])
+
         def flow_logits(x, tt, conditional):
             return model.flow_only(s.h_last, s.cache, x, tt, position[:, None], position, kv_valid,
-                                   labels if conditional else None, None, spec.kernels)[:, 0]
+                                   labels if conditional else None, modulation, spec.kernels)[:, 0]
 
         logits = flow_logits(x_in, t, True)
         uncond = None
@@ -240,7 +304,7 @@ def decode(model, slots: Slots, table, iterations: int, spec: Spec) -> tuple[Slo
             uncond = jax.lax.cond((rows & ~final & has_label).any(), lambda: flow_logits(x_in, t, False),
                                   lambda: logits)
         velocity = functools.partial(
-            nstep_lib.make_velocity, table=table if table is not None else functools.partial(
+            nstep_lib.make_velocity, table=tables.phi if tables.phi is not None else functools.partial(
                 model.flow_representation, kernels=spec.kernels), opts=spec.ode,
             delta=nstep_lib.temperature_delta(spec.ode.method, n, spec.ode.final_t),
             key=_row_keys_rows(st.key, st.sample_id, position, 2))
