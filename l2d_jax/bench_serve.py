@@ -28,8 +28,9 @@ Per point (JSON ``points``):
 
 Must-shows (``summary``; issue 21): ``single_tokens_per_s``, the aggregate rate at C=1 with
 0 steps; ``aggregate_over_single``, the all-0 aggregate at each C over it (>= 4 at C=8); and
-``mix_over_alone``, each step group's mean decode rate in a mixed point over its rate in the
-point where every client uses that step count, at the same C (``ratio``; every group within
+``mix_over_alone``, each step group's mean decode rate in a mixed point (one where at least
+two step groups ran) over its rate in the point where every client uses that step count, at
+the same C (``ratio``; every group within
 2x: ``mix_within_2x``), and the same for the total-latency rate (``ratio_total``).
 ``metrics_at_start``: the server's /metrics at the start (``l2d_slots``: its decode slots).
 """
@@ -162,7 +163,7 @@ def summarize(points: Sequence[dict]) -> dict:
                for (c, mix), p in sorted(by.items()) if mix == (0,)}
     fairness: dict[str, dict[str, dict[str, dict]]] = {}
     for (c, mix), p in sorted(by.items()):
-        if len(set(mix)) < 2:
+        if sum(g["requests"] > 0 for g in p["groups"].values()) < 2:  # not a mix (e.g. C=1)
             continue
         groups = {}
         for s, g in p["groups"].items():
