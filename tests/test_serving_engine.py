@@ -209,3 +209,35 @@ def test_decode_with_xla_ops_writes_each_rows_own_slot(model):
     tokens = np.asarray(out.token)
     for slot, r in enumerate(reqs):
         assert [int(t) for t in tokens[:, slot] if t >= 0] == reference(model, r)
+
+
+_MESH_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_serving_engine import *
+m = tiny_l2d()
+e = Engine(m, eos_id=-1, config=EngineConfig(slots=4, max_seq_len=64, max_ode_steps=MAX_POINTS,
+                                             mesh={{"data": 2, "fsdp": 2}}))
+e.start()
+col = Collector()
+ids = [col.submit(e, r) for r in MIX]
+same = [col.tokens(col.wait(rid)) == reference(m, r) for r, rid in zip(MIX, ids)]
+e.stop(5)
+print("SAME", same)
+"""
+
+
+@pytest.mark.slow
+def test_engine_on_a_mesh_gives_the_single_device_tokens(tmp_path):
+    """--mesh data=2,fsdp=2 over 4 (fake) devices: parameters sharded, the slots' state
+    replicated; every request's tokens are single-device generate's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    script = _MESH_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SAME [True, True, True, True]" in out.stdout

@@ -132,24 +132,24 @@ class Engine:
         say = progress or (lambda msg: log.info("%s", msg))
         spec = self.spec
         with shd.gather_layers(self._mesh):
-            self._table = jax.jit(slots_lib.make_tables, static_argnames="spec")(self.model, spec=spec)
-            self._state = jax.jit(slots_lib.init_slots, static_argnames="spec")(self.model, spec=spec)
+            self._table = self._jit(slots_lib.make_tables, static_argnames="spec")(self.model, spec=spec)
+            self._state = self._init_state()
             total = len(self.buckets) + len(self.widths)
             t0 = time.perf_counter()
-            decode = jax.jit(slots_lib.decode_prefix, static_argnames=("iterations", "spec", "width"),
+            decode = self._jit(slots_lib.decode_prefix, static_argnames=("iterations", "spec", "width"),
                              donate_argnames="slots")
             for i, width in enumerate(self.widths):
                 say(f"compiling decode for {width} of {spec.slots} slots ({spec.max_seq_len} tokens each, "
                     f"{self.config.iters_per_dispatch} iterations per dispatch) [{i + 1}/{total}]")
                 self._exe[("decode", width)] = decode.lower(self.model, self._state, self._table,
                                                             self.config.iters_per_dispatch, spec, width).compile()
-            self._exe["release"] = jax.jit(slots_lib.release, donate_argnames="slots").lower(
+            self._exe["release"] = self._jit(slots_lib.release, donate_argnames="slots").lower(
                 self._state, np.zeros((spec.slots,), bool)).compile()
-            self._exe["move"] = jax.jit(slots_lib.move, donate_argnames="slots").lower(
+            self._exe["move"] = self._jit(slots_lib.move, donate_argnames="slots").lower(
                 self._state, np.int32(0), np.int32(0)).compile()
             settings = slots_lib.request_settings(ode_points=0, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                                                   sample_id=0, class_label=None, guidance=1.0, max_tokens=1)
-            insert = jax.jit(slots_lib.insert, static_argnames="spec", donate_argnames="slots")
+            insert = self._jit(slots_lib.insert, static_argnames="spec", donate_argnames="slots")
             for i, bucket in enumerate(self.buckets):
                 say(f"compiling prefill for prompts up to {bucket} tokens [{i + 1 + len(self.widths)}/{total}]")
                 self._exe[bucket] = insert.lower(self.model, self._state, np.int32(0), np.zeros((bucket,), np.int32),
@@ -157,6 +157,18 @@ class Engine:
             say(f"compiled {len(self._exe)} programs in {time.perf_counter() - t0:.1f} s")
         self._thread = threading.Thread(target=self._loop, name="l2d-engine", daemon=True)
         self._thread.start()
+
+    def _jit(self, fn, **kw):
+        """jax.jit with, on a mesh, every output (the slots' state included) replicated: the
+        ahead-of-time programs then always receive the shardings they were compiled for."""
+        if self._mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            kw["out_shardings"] = NamedSharding(self._mesh, PartitionSpec())
+        return jax.jit(fn, **kw)
+
+    def _init_state(self) -> slots_lib.Slots:
+        return self._jit(slots_lib.init_slots, static_argnames="spec")(self.model, spec=self.spec)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stops accepting requests, lets the running and queued ones finish for up to
@@ -319,7 +331,8 @@ class Engine:
                 running = list(self._live.values())
             for req in running:
                 self._fail(req, f"decode failed: {e}")
-            self._state = jax.jit(slots_lib.init_slots, static_argnames="spec")(self.model, spec=self.spec)
+            with shd.gather_layers(self._mesh):
+                self._state = self._init_state()
             return
         owner = {slot: req for req in list(self._live.values()) for slot in req.slots}
         for slot, req in owner.items():
