@@ -178,8 +178,12 @@ def test_fresh_flow_path_changes_no_logits(combo):
     t = jax.random.uniform(jax.random.PRNGKey(1), (b, n))
     x_t = 64.0 * jax.random.normal(jax.random.PRNGKey(2), (b, n, d))
     labels = jnp.array([0, 1]) if model.settings.use_guidance else None
-    ours = np.asarray(model(ids, t, x_t, class_labels=labels).logits)
-    assert np.array_equal(ours, np.asarray(base(ids).logits))
+    out = model(ids, t, x_t, class_labels=labels)
+    # the flow adds exactly nothing: the logits are the LM head of the main stream's h_L
+    assert np.array_equal(np.asarray(out.logits), np.asarray(base.head(out.hidden)))
+    # and that stream is the base model's (the two-stream scan is another XLA program: on some
+    # hosts its fusions round the last bit differently, e.g. 4e-9 on an AVX2 EPYC)
+    np.testing.assert_allclose(np.asarray(out.hidden), np.asarray(base(ids).hidden), rtol=1e-6, atol=1e-6)
 
 
 def _names_file(path):
