@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -298,35 +297,12 @@ def metrics_delta(before: dict[str, float] | None, after: dict[str, float] | Non
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
-    """Runs the ASGI ``app`` with uvicorn on a free port in a daemon thread; yields its URL."""
-    import socket
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise L2DError("the in-process server did not start (see the log above)")
-            time.sleep(0.05)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-
-
-@contextlib.contextmanager
 def in_process_server(model, tokenizer, name: str, config) -> Iterator[str]:
     """An ``l2d-jax serve`` app (``serving.api.create_app``) for ``model`` with an engine of
     ``config`` (``serving.engine.EngineConfig``), served on a free local port; yields its URL."""
     from l2d_jax.serving.api import create_app
     from l2d_jax.serving.engine import Engine
+    from l2d_jax.serving.server import serve_in_thread
 
     eos = tokenizer.eos_token_id
     engine = Engine(model, -1 if eos is None else int(eos), config)

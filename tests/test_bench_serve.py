@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter as PromCounter, generat
 
 from l2d_jax import bench_serve as bs
 from l2d_jax.errors import UsageError
+from l2d_jax.serving.server import serve_in_thread
 
 
 def _t(client=0, steps=0, start=0.0, first=0.5, last=2.5, end=3.0, tokens=5, error=None):
@@ -133,7 +134,7 @@ def _fake_app(seen: list[int]):
 def test_bench_against_fake_server(tmp_path):
     pytest.importorskip("openai")
     seen: list[int] = []
-    with bs.serve_in_thread(_fake_app(seen)) as url:
+    with serve_in_thread(_fake_app(seen)) as url:
         report = bs.bench_serve(url, concurrency=(1, 3), mixes=((0,), (4,), (0, 4)), max_tokens=5,
                                 requests_per_client=2)
     assert report["served_model"] == "fake" and len(report["points"]) == 6
@@ -152,7 +153,7 @@ def test_bench_against_fake_server(tmp_path):
 
 def test_seconds_mode_against_fake_server():
     pytest.importorskip("openai")
-    with bs.serve_in_thread(_fake_app([])) as url:
+    with serve_in_thread(_fake_app([])) as url:
         timings, wall = asyncio.run(bs.run_point(url, "fake", 2, (0,), max_tokens=3, seconds=0.2))
     assert wall >= 0.2 and len(timings) >= 2 and all(t.tokens == 3 for t in timings)
 

@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from l2d_jax.errors import L2DError
 from l2d_jax.serving.api import create_app
 from l2d_jax.serving.engine import Engine, EngineConfig
 from l2d_jax.serving.requests import Failed
+from l2d_jax.serving.server import serve_in_thread
 
 NAME = "tiny-l2d"
 CONFIG = EngineConfig(slots=4, max_seq_len=128, max_ode_steps=8, max_queue=4)
@@ -48,19 +48,10 @@ def tokenizer():
 @contextlib.contextmanager
 def live(engine, tokenizer, name: str = NAME):
     """The app on 127.0.0.1 (a free port) in a background thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, name), host="127.0.0.1", port=0,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        with serve_in_thread(create_app(engine, tokenizer, name)) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.stop()
 
 

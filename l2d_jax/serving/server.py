@@ -11,12 +11,13 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
 
-from l2d_jax.errors import UsageError
+from l2d_jax.errors import L2DError, UsageError
 
 DEFAULT_NAME = "smollm2-135m-instruct"
 L2D_CHOICES = ("lora", "full", "none")
@@ -116,3 +117,25 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, eng
         server.run()
     finally:  # uvicorn has let the requests in flight finish: what is left has no client
         engine.stop(timeout=0)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Runs the ASGI ``app`` with uvicorn on a free port in a daemon thread; yields its URL."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise L2DError("the in-process server did not start (see the log above)")
+            time.sleep(0.05)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
