@@ -370,8 +370,8 @@ class Engine:
             self._lock.notify_all()
         self._emit(req, Finished(choice, reason, req.tokens[choice], req.nfe.get(choice, 0)))
 
-    def _finish_all(self, req: _Request, reason: str) -> None:
-        """Ends every open choice of ``req`` (cancelled, or the engine stopping)."""
+    def _drop(self, req: _Request) -> list[int]:
+        """Frees every slot of ``req`` and forgets it; returns its open choices."""
         with self._lock:
             for slot in req.slots:
                 bisect.insort(self._free, slot)
@@ -379,15 +379,13 @@ class Engine:
             self._live.pop(req.id, None)
             open_choices, req.open_choices = sorted(req.open_choices), set()
             self._lock.notify_all()
-        for choice in open_choices:
+        return open_choices
+
+    def _finish_all(self, req: _Request, reason: str) -> None:
+        """Ends every open choice of ``req`` (cancelled, or the engine stopping)."""
+        for choice in self._drop(req):
             self._emit(req, Finished(choice, reason, req.tokens[choice], req.nfe.get(choice, 0)))
 
     def _fail(self, req: _Request, message: str) -> None:
-        with self._lock:
-            for slot in req.slots:
-                bisect.insort(self._free, slot)
-            req.slots.clear()
-            req.open_choices.clear()
-            self._live.pop(req.id, None)
-            self._lock.notify_all()
+        self._drop(req)
         self._emit(req, Failed(message))
