@@ -45,6 +45,7 @@ from l2d_jax.models.llm import LLM, init_cache
 from l2d_jax.sampling import sample_rows
 
 MAIN, FLOW = 0, 1  # a slot's phase
+FLOW_SHARE = (2, 3)  # with 0-step sequences running, the flow part runs in 2 of every 3 iterations
 NO_TOKEN = -1
 
 
@@ -335,7 +336,12 @@ def decode(model, slots: Slots, tables: Tables, iterations: int, spec: Spec) -> 
         s, tok, logprob = jax.lax.cond((s.active & (s.phase == MAIN)).any(), main_part,
                                        lambda s: (s, jnp.full((b,), NO_TOKEN, jnp.int32), jnp.zeros((b,), jnp.float32)), s)
         if is_l2d:
-            s, tok_f, logprob_f = jax.lax.cond((s.active & (s.phase == FLOW)).any(), flow_part,
+            # while 0-step sequences run, every third iteration is theirs alone (no flow part):
+            # they would otherwise go at the pace of main step + flow evaluation, the ODE
+            # sequences lose a third of their stages' pace instead (FLOW_SHARE)
+            base_rows = (s.active & (s.settings.ode_points == 0)).any()
+            flow_turn = ~base_rows | (i % FLOW_SHARE[1] < FLOW_SHARE[0])
+            s, tok_f, logprob_f = jax.lax.cond((s.active & (s.phase == FLOW)).any() & flow_turn, flow_part,
                                                lambda s: (s, jnp.full((b,), NO_TOKEN, jnp.int32), jnp.zeros((b,), jnp.float32)),
                                                s)
             tok, logprob = jnp.where(tok_f != NO_TOKEN, tok_f, tok), jnp.where(tok_f != NO_TOKEN, logprob_f, logprob)
